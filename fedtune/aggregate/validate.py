@@ -1,0 +1,94 @@
+"""Checks an update must pass before it is used (DESIGN §3): manifest, hash, lineage, base model,
+LoRA shape, finite values, size. A failed check rejects the update with a reason; it never crashes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fedtune.adapter import ADAPTER_FILE, tensor_layout
+from fedtune.artifacts import read_json, sha256_file
+from fedtune.config import FederationConfig
+from fedtune.errors import BadInput
+from fedtune.train import UPDATE_FORMAT
+
+REQUIRED = ("site", "round", "parent", "base_model", "lora", "num_examples", "sha256")
+
+
+class Rejected(Exception):
+    """An update that cannot be used; the message is the reason recorded in the manifest."""
+
+
+@dataclass
+class Update:
+    site: str
+    folder: Path
+    manifest: dict
+    sha256: str
+    num_examples: int
+
+
+def check_update(
+    folder: Path,
+    config: FederationConfig,
+    parent: dict,
+    layout: dict[str, tuple[tuple[int, ...], str]],
+    max_bytes: int,
+) -> Update:
+    """Return the update in `folder` or raise Rejected with the reason."""
+    try:
+        manifest = read_json(folder / "manifest.json")
+    except BadInput as err:
+        raise Rejected(str(err)) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != UPDATE_FORMAT:
+        raise Rejected(f"manifest.json: format is not {UPDATE_FORMAT}")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise Rejected(f"manifest.json: missing {', '.join(missing)}")
+    site = manifest["site"]
+    if site != folder.name:
+        raise Rejected(f"manifest names site '{site}' but the folder is '{folder.name}'")
+    if site not in config.site_names():
+        raise Rejected(f"site '{site}' is not on the roster")
+    if manifest["round"] != parent["round"] + 1:
+        raise Rejected(f"update is for round {manifest['round']}, this round is {parent['round'] + 1}")
+    if manifest["parent"] != {"version": parent["version"], "sha256": parent["adapter_sha256"]}:
+        raise Rejected(f"trained from {manifest['parent'].get('version')}, not from the current version {parent['version']}")
+    if manifest["base_model"].get("sha256") != config.base_model.sha256:
+        raise Rejected("trained on another base model (fingerprint differs)")
+    lora = manifest["lora"]
+    if (lora.get("r"), lora.get("alpha"), lora.get("target_modules")) != (
+        config.lora.r, config.lora.alpha, config.lora.target_modules
+    ):
+        raise Rejected(f"LoRA settings {lora} differ from the federation's")
+    num = manifest["num_examples"]
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise Rejected("num_examples must be a positive integer")
+    tensors = folder / ADAPTER_FILE
+    if not tensors.is_file():
+        raise Rejected(f"{ADAPTER_FILE} missing")
+    if tensors.stat().st_size > max_bytes:
+        raise Rejected(f"{ADAPTER_FILE} is {tensors.stat().st_size} bytes, over the limit of {max_bytes}")
+    if sha256_file(tensors) != manifest["sha256"]:
+        raise Rejected(f"{ADAPTER_FILE} does not match the sha256 in its manifest (damaged or altered)")
+    try:
+        got = tensor_layout(tensors)
+    except BadInput as err:
+        raise Rejected(str(err)) from None
+    if got.keys() != layout.keys():
+        extra, lost = sorted(got.keys() - layout.keys()), sorted(layout.keys() - got.keys())
+        raise Rejected(f"tensor keys differ from the global adapter (unexpected: {extra[:2]}, missing: {lost[:2]})")
+    for key, (shape, dtype) in layout.items():
+        if got[key] != (shape, dtype):
+            raise Rejected(f"tensor {key} is {got[key][1]}{list(got[key][0])}, expected {dtype}{list(shape)}")
+    with safe_open(str(tensors), framework="pt") as handle:
+        for key in layout:
+            if not torch.isfinite(handle.get_tensor(key)).all():
+                raise Rejected(f"tensor {key} holds NaN or Inf")
+    if not math.isfinite(float(manifest.get("train", {}).get("loss_last", 0.0) or 0.0)):
+        raise Rejected("training loss is not finite")
+    return Update(site=site, folder=folder, manifest=manifest, sha256=manifest["sha256"], num_examples=num)

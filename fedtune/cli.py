@@ -1,0 +1,225 @@
+"""The `fedtune` command line: registers commands and turns FedtuneError into one line. No logic here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.errors import FedtuneError
+
+app = typer.Typer(
+    help="Federated fine-tuning of LLM adapters: sites train LoRA updates, a coordinator merges them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(soft_wrap=True, markup=False, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", help="the federation.yaml")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    # Library deprecation chatter is not the user's problem; fedtune's own messages go to stderr.
+    for module in ("peft", "transformers", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", module=module)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _log():
+    return lambda line: err.print(line, markup=False)
+
+
+def _table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    table = Table(title=title)
+    for name in header:
+        table.add_column(name)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="folder of the new federation")],
+    site: Annotated[list[str], typer.Option("--site", help="a site on the roster (repeat)")],
+    model: Annotated[Optional[str], typer.Option(help="base model id or folder [default: embedded SmolLM2-135M-Instruct]")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha")] = None,
+    target_modules: Annotated[Optional[str], typer.Option("--target-modules", help="q_proj,v_proj or all-linear")] = None,
+    seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="tokens per training sequence")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write FOLDER/federation.yaml and the seeded initial global version FOLDER/registry/v0000."""
+    from fedtune.federation import init_federation
+
+    lora = {k: v for k, v in {"r": lora_r, "alpha": lora_alpha, "target_modules": target_modules}.items() if v is not None}
+    overrides = {"lora": lora} if lora else {}
+    if seq_len is not None:
+        overrides["seq_len"] = seq_len
+    config = init_federation(folder, site, model, overrides)
+    result = {"federation": str(folder / "federation.yaml"), "registry": str(folder / "registry"), "version": "v0000",
+              "base_model": config.base_model.model_dump()}
+    if json_out:
+        print(json.dumps(result))
+    else:
+        out.print(f"wrote {result['federation']} and {folder / 'registry' / 'v0000'} "
+                  f"(base model {config.base_model.id}, sha256 {config.base_model.sha256[:12]}…)")
+
+
+@app.command()
+def prepare(
+    config: ConfigOpt,
+    site: Annotated[str, typer.Option(help="this site's roster name")],
+    input: Annotated[list[Path], typer.Option("--input", help="raw file: .jsonl .csv .parquet .txt (repeat)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="prepared folder to write")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Filter, scrub, tokenize and pack a site's raw files; writes train/eval parquet and a data card."""
+    from fedtune.config import load_federation
+    from fedtune.data import prepare_site
+
+    card = prepare_site(load_federation(config), site, input, out_dir, log=_log())
+    if json_out:
+        print(json.dumps(card))
+        return
+    dropped = ", ".join(f"{k} {v}" for k, v in card["dropped"].items()) or "none"
+    pii = ", ".join(f"{k} {v}" for k, v in card["pii_replaced"].items()) or "none"
+    out.print(f"wrote {out_dir}: {card['records']['kept']}/{card['records']['read']} records kept "
+              f"(dropped: {dropped}; PII replaced: {pii}); sequences train {card['sequences']['train']}, "
+              f"eval {card['sequences']['eval']}")
+
+
+@app.command("train-local")
+def train_local_cmd(
+    config: ConfigOpt,
+    site: Annotated[str, typer.Option(help="this site's roster name")],
+    data: Annotated[Path, typer.Option(help="this site's prepared folder")],
+    global_ref: Annotated[Path, typer.Option("--global", help="registry (its LATEST) or a global version folder")],
+    updates: Annotated[Path, typer.Option("--out", help="updates root; writes round-NNNN/<site>/")],
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="sequences per step")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train this site's LoRA update from a global version."""
+    from fedtune.config import load_federation
+    from fedtune.train import train_local
+
+    folder = train_local(load_federation(config), site, data, global_ref, updates, steps, lr, batch_size, log=_log())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if json_out:
+        print(json.dumps({"update": str(folder), **manifest}))
+    else:
+        t = manifest["train"]
+        out.print(f"wrote {folder}: round {manifest['round']}, {t['steps']} steps, loss {t['loss_first']:.4f} → "
+                  f"{t['loss_last']:.4f}, {t['tokens_per_second']} tokens/s")
+
+
+def _aggregate_help() -> str:
+    from fedtune.aggregate import METHODS
+
+    lines = "\n\n".join(f"  {name}: {cls.summary}" for name, cls in METHODS.items())
+    return f"Validate a round's updates and merge them into the next global version.\n\nMethods:\n\n{lines}"
+
+
+@app.command(help=_aggregate_help())
+def aggregate(
+    config: ConfigOpt,
+    registry: Annotated[Path, typer.Option(help="the registry folder")],
+    updates: Annotated[Path, typer.Option(help="the round's folder, updates/round-NNNN")],
+    method: Annotated[Optional[str], typer.Option(help="aggregation method (see above)")] = None,
+    trim: Annotated[Optional[float], typer.Option(help="trimmed-mean: fraction cut from each tail")] = None,
+    quorum: Annotated[Optional[int], typer.Option(help="fewest valid updates that make a round")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="fail the round on any invalid update")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    from fedtune.aggregate import aggregate_round
+    from fedtune.config import load_federation
+
+    result = aggregate_round(load_federation(config), registry, updates, method, trim, quorum, strict, warn=_log())
+    if json_out:
+        print(json.dumps({"version": result.version, "folder": str(result.folder),
+                          "contributors": result.contributors, "rejected": result.rejected}))
+    else:
+        sites = ", ".join(f"{c['site']} ({c['weight']:.3f})" for c in result.contributors)
+        out.print(f"wrote {result.folder}: {len(result.contributors)} updates merged [{sites}]"
+                  + (f", {len(result.rejected)} rejected" if result.rejected else "") + f"; LATEST = {result.version}")
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt,
+    adapter: Annotated[str, typer.Option(help="'base' or a global version folder")],
+    data: Annotated[list[Path], typer.Option("--data", help="a prepared folder (repeat)")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Token-weighted eval loss and perplexity on each prepared eval split."""
+    from fedtune.config import load_federation
+    from fedtune.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(load_federation(config), adapter, data)
+    if json_out:
+        print(json.dumps(result))
+        return
+    rows = [[s, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", str(m["tokens"])] for s, m in result["sites"].items()]
+    _table(["site", "loss", "perplexity", "tokens"], rows, title=f"eval of {result['adapter']}")
+
+
+@app.command()
+def simulate(
+    recipe: Annotated[Path, typer.Argument(help="recipe folder (with recipe.yaml) or recipe file")],
+    out_dir: Annotated[Path, typer.Option("--out", help="empty folder for the whole run")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a whole federation on this machine: init, prepare, rounds of train-local + aggregate, evaluate."""
+    from fedtune.report import report_rows
+    from fedtune.simulate import simulate as run_simulate
+
+    report = run_simulate(recipe, out_dir, log=_log())
+    if json_out:
+        print(json.dumps(report))
+        return
+    header, rows = report_rows(report)
+    _table(header, rows, title="eval loss per site")
+    out.print(f"wrote {out_dir} (report.json, report.png, registry/, updates/, prepared/)")
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except FedtuneError as problem:
+        if os.environ.get("FEDTUNE_DEBUG"):
+            raise
+        err.print(f"error: {problem}", markup=False, soft_wrap=True)
+        sys.exit(problem.exit_code)
+    except Exception as problem:  # click's usage errors and anything unforeseen
+        import click
+
+        if isinstance(problem, click.exceptions.Abort):
+            err.print("aborted", markup=False)
+            sys.exit(130)
+        if isinstance(problem, click.ClickException):
+            err.print(f"error: {problem.format_message()}", markup=False, soft_wrap=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

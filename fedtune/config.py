@@ -1,0 +1,203 @@
+"""Typed schema of federation.yaml and recipes. YAML only sets values; every error of a file is
+reported at once, each with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedtune.errors import BadInput
+
+DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
+FEDERATION_FORMAT = "fedtune.federation/1"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelRef(Strict):
+    """The base model every site trains on."""
+
+    id: str = DEFAULT_MODEL
+    sha256: str | None = Field(None, description="fingerprint of the weights; init fills it in")
+
+
+class LoraSettings(Strict):
+    """LoRA shape shared by the whole federation."""
+
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all-linear":
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class TrainingSettings(Strict):
+    """Defaults for `train-local`; a site may override steps, lr and batch size on the command line."""
+
+    steps: int = Field(20, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class DataSettings(Strict):
+    """What `prepare` keeps and how it splits."""
+
+    min_chars: int = Field(8, ge=0)
+    max_chars: int = Field(20000, ge=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DataSettings:
+        if self.min_chars >= self.max_chars:
+            raise ValueError("min_chars must be below max_chars")
+        return self
+
+
+class AggregationSettings(Strict):
+    """How the coordinator merges a round."""
+
+    method: str = "fedavg"
+    trim: float = Field(0.2, ge=0, lt=0.5)
+    quorum: int = Field(2, ge=1)
+
+
+class SiteEntry(Strict):
+    """One member of the federation."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class FederationConfig(Strict):
+    """The contents of federation.yaml."""
+
+    format: Literal["fedtune.federation/1"] = FEDERATION_FORMAT
+    name: str = "federation"
+    base_model: BaseModelRef = BaseModelRef()
+    lora: LoraSettings = LoraSettings()
+    seq_len: int = Field(128, ge=8, le=131072)
+    seed: int = 0
+    training: TrainingSettings = TrainingSettings()
+    data: DataSettings = DataSettings()
+    aggregation: AggregationSettings = AggregationSettings()
+    sites: list[SiteEntry] = Field(min_length=1)
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_sites(cls, sites: list[SiteEntry]) -> list[SiteEntry]:
+        names = [s.name for s in sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"site listed twice: {', '.join(dupes)}")
+        return sites
+
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def require_site(self, site: str, source: str) -> None:
+        if site not in self.site_names():
+            raise BadInput(
+                f"{source}: site '{site}' is not on the roster ({', '.join(self.site_names())}); "
+                "add it under `sites:` in federation.yaml"
+            )
+
+
+class RecipeSite(Strict):
+    """A simulated site and its raw files (paths relative to the recipe file)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    inputs: list[str] = Field(min_length=1)
+
+
+class Recipe(Strict):
+    """A whole federation to run on one machine with `fedtune simulate`."""
+
+    name: str = "simulation"
+    model: str = DEFAULT_MODEL
+    rounds: int = Field(3, ge=1)
+    lora: LoraSettings = LoraSettings()
+    seq_len: int = Field(128, ge=8, le=131072)
+    seed: int = 0
+    training: TrainingSettings = TrainingSettings()
+    data: DataSettings = DataSettings()
+    aggregation: AggregationSettings = AggregationSettings()
+    sites: list[RecipeSite] = Field(min_length=2)
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        msg = "unknown key (check its spelling)" if item["type"] == "extra_forbidden" else item["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_model(cls: type[T], data: Any, source: str) -> T:
+    """Validate `data` against `cls`, raising one BadInput that lists every problem with its key path."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise BadInput(f"{source}: {_format_errors(err)}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise BadInput(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise BadInput(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def load_federation(path: Path | str) -> FederationConfig:
+    path = Path(path)
+    config = parse_model(FederationConfig, read_yaml(path), str(path))
+    if not config.base_model.sha256:
+        raise BadInput(f"{path}: base_model.sha256 is missing; create the file with `fedtune init`")
+    return config
+
+
+def load_recipe(path: Path | str) -> tuple[Recipe, Path]:
+    """Load a recipe from its YAML file or a folder holding recipe.yaml; returns it and its folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "recipe.yaml"
+    recipe = parse_model(Recipe, read_yaml(path), str(path))
+    names = [s.name for s in recipe.sites]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise BadInput(f"{path}: sites: site listed twice: {', '.join(dupes)}")
+    return recipe, path.parent
+
+
+def federation_to_yaml(config: FederationConfig) -> str:
+    header = (
+        "# fedtune federation file: the contract every site and the coordinator share.\n"
+        "# Sites: fedtune prepare / train-local --config federation.yaml; "
+        "coordinator: fedtune aggregate --config federation.yaml\n"
+    )
+    body = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return header + body

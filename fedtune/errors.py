@@ -1,0 +1,19 @@
+"""Errors that the CLI turns into one line and an exit code."""
+
+
+class FedtuneError(Exception):
+    """A problem the user can act on. `exit_code` 2 means bad input, 1 a failure while working."""
+
+    exit_code = 1
+
+
+class BadInput(FedtuneError):
+    """Input that cannot be used: a missing file, a bad key, an update from the wrong parent."""
+
+    exit_code = 2
+
+
+class StageFailed(FedtuneError):
+    """The input was fine but the work could not finish (e.g. training diverged)."""
+
+    exit_code = 1

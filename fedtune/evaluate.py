@@ -1,0 +1,84 @@
+"""`fedtune evaluate`: token-weighted loss and perplexity of the base model or a global version on
+each site's prepared eval split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from fedtune import models
+from fedtune.config import FederationConfig
+from fedtune.data.prepare import read_prepared
+from fedtune.data.tokenize import IGNORE
+from fedtune.errors import BadInput
+from fedtune.registry import read_version_manifest
+
+
+@torch.no_grad()
+def _eval_loss(model, ids: torch.Tensor, labels: torch.Tensor, batch_size: int, device) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        x = ids[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        target = y[:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ).item()
+        count += int((target != IGNORE).sum())
+    return total, count
+
+
+def evaluate(
+    config: FederationConfig,
+    adapter: str | Path,
+    data: list[Path],
+    base_model=None,
+    batch_size: int = 8,
+) -> dict:
+    """Evaluate `adapter` ("base" or a global version folder) on every prepared folder in `data`.
+
+    Args:
+        config: the federation.
+        adapter: "base" for the base model alone, else a global version folder.
+        data: prepared site folders.
+        base_model: an already loaded base model to reuse (left as it was on return).
+        batch_size: sequences per forward pass.
+
+    Returns:
+        {"adapter": …, "sites": {site: {"loss", "perplexity", "tokens"}}}
+    """
+    if not data:
+        raise BadInput("evaluate: give at least one --data folder")
+    splits = []
+    for folder in data:
+        card, ids, labels = read_prepared(Path(folder), config, "eval")
+        splits.append((card["site"], torch.from_numpy(ids), torch.from_numpy(labels)))
+    if base_model is None:
+        models.check_fingerprint(config.base_model.id, config.base_model.sha256, "evaluate")
+        base_model = models.load_base_model(config.base_model.id)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_model.to(device)
+
+    model, name = base_model, "base"
+    if str(adapter) != "base":
+        from peft import PeftModel
+
+        folder = Path(adapter)
+        manifest = read_version_manifest(folder)
+        if manifest["base_model"]["sha256"] != config.base_model.sha256:
+            raise BadInput(f"{folder}: built on another base model than the federation's")
+        model, name = PeftModel.from_pretrained(base_model, folder), manifest["version"]
+    model.eval()
+    try:
+        sites = {}
+        for site, ids, labels in splits:
+            total, count = _eval_loss(model, ids, labels, batch_size, device)
+            loss = total / max(count, 1)
+            sites[site] = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
+    finally:
+        if model is not base_model:
+            model.unload()  # gives the caller its base model back without LoRA layers
+    return {"adapter": name, "sites": sites}

@@ -1,0 +1,87 @@
+"""`fedtune init`: write federation.yaml and the seeded initial global version v0000."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtune import models
+from fedtune.adapter import seeded_adapter, write_adapter
+from fedtune.artifacts import atomic_folder, stamp, write_json_atomic, write_text_atomic
+from fedtune.config import FederationConfig, federation_to_yaml, parse_model
+from fedtune.errors import BadInput
+from fedtune.registry import Registry, version_name
+
+
+def global_manifest(config: FederationConfig, number: int, adapter_sha256: str, **fields) -> dict:
+    return {
+        "format": "fedtune.global/1",
+        "version": version_name(number),
+        "round": number,
+        **fields,
+        "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
+        "lora": config.lora.model_dump(mode="json"),
+        "privacy": {"mechanism": None, "epsilon_spent": None},
+        "adapter_sha256": adapter_sha256,
+        **stamp(),
+    }
+
+
+def init_federation(
+    folder: Path,
+    sites: list[str],
+    model: str | None = None,
+    overrides: dict | None = None,
+) -> FederationConfig:
+    """Create `folder/federation.yaml` and `folder/registry/v0000`.
+
+    Args:
+        folder: the federation's folder (created if missing).
+        sites: the roster.
+        model: base model id; the embedded SmolLM2-135M-Instruct when None.
+        overrides: nested values for the federation file, e.g. {"lora": {"r": 16}}.
+    """
+    config_path = folder / "federation.yaml"
+    registry = Registry(folder / "registry")
+    for existing in (config_path, registry.root):
+        if existing.exists():
+            raise BadInput(f"{existing}: already exists; `fedtune init` starts a new federation in an empty folder")
+    if not sites:
+        raise BadInput("init: name at least one site with --site NAME")
+    data: dict = dict(overrides or {})
+    data["sites"] = [{"name": s} for s in sites]
+    data["base_model"] = {"id": model or FederationConfig.model_fields["base_model"].default.id}
+    if "name" not in data:
+        data["name"] = folder.resolve().name
+    config = parse_model(FederationConfig, data, "init")
+    config.base_model.sha256 = models.fingerprint(config.base_model.id)
+    base = models.load_base_model(config.base_model.id)
+    _check_targets(base, config)
+    tensors = seeded_adapter(base, config)
+
+    registry.root.mkdir(parents=True)
+    try:
+        with atomic_folder(registry.path_of(version_name(0))) as tmp:
+            sha = write_adapter(tmp, tensors, config)
+            manifest = global_manifest(config, 0, sha, parent=None, method="seeded-init",
+                                       params={"seed": config.seed}, contributors=[], rejected=[])
+            write_json_atomic(tmp / "manifest.json", manifest)
+        registry.commit(version_name(0), sha, registry.path_of(version_name(0)) / "manifest.json")
+        write_text_atomic(config_path, federation_to_yaml(config))
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(registry.root, ignore_errors=True)
+        raise
+    return config
+
+
+def _check_targets(model, config: FederationConfig) -> None:
+    if config.lora.target_modules == "all-linear":
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in config.lora.target_modules if t not in names]
+    if missing:
+        raise BadInput(
+            f"--target-modules: {', '.join(missing)} not found in the base model; "
+            f"linear layers include e.g. q_proj,k_proj,v_proj,o_proj or use all-linear"
+        )
