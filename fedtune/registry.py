@@ -86,7 +86,12 @@ class Registry:
         if not self.log_path.is_file():
             return entries
         for number, raw in enumerate(self.log_path.read_bytes().splitlines(keepends=True), start=1):
-            entry = json.loads(raw)
+            try:
+                entry = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                entry = None
+            if not isinstance(entry, dict):
+                raise BadInput(f"{self.log_path}: line {number} is not a JSON object (the log was edited)")
             if entry.get("prev") != previous:
                 raise BadInput(f"{self.log_path}: line {number} does not chain to the line before it")
             previous = hashlib.sha256(raw).hexdigest()

@@ -10,15 +10,17 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from fedtune import models
 from fedtune.adapter import ADAPTER_FILE, read_tensors, write_adapter
 from fedtune.artifacts import atomic_folder, sha256_file, stamp, write_json_atomic
-from fedtune.config import FederationConfig
+from fedtune.config import FederationConfig, TrainingSettings
 from fedtune.data.prepare import read_prepared
 from fedtune.errors import BadInput, StageFailed
 from fedtune.registry import read_version_manifest, resolve_global
@@ -38,6 +40,78 @@ def _batches(ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int
         for start in range(0, len(order), batch_size):
             pick = order[start : start + batch_size]
             yield ids[pick], labels[pick]
+
+
+@dataclass
+class LoopResult:
+    model: torch.nn.Module
+    losses: list[float]
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def train_loop(
+    model: torch.nn.Module,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    settings: TrainingSettings,
+    seed: int,
+    log: Callable[[int, float], None] = lambda _step, _loss: None,
+) -> LoopResult:
+    """Train the model's trainable parameters for `settings.steps` optimizer steps.
+
+    Args:
+        model: a peft model whose LoRA parameters require grad.
+        ids, labels: packed sequences [rows, seq_len]; labels -100 where no loss is taken.
+        settings: steps, lr, batch size, accumulation, warmup, weight decay, clipping.
+        seed: fixes the batch order.
+        log: called with (step, loss) after every optimizer step.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=settings.grad_accum,
+    )
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = settings.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    batches = _batches(torch.from_numpy(ids), torch.from_numpy(labels), settings.batch_size, seed)
+    losses: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    for step in range(1, settings.steps + 1):
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(settings.grad_accum):
+            input_ids, target = (t.to(accelerator.device, non_blocking=True) for t in next(batches))
+            with accelerator.accumulate(model):
+                loss = model(input_ids=input_ids, labels=target).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / settings.grad_accum
+            tokens += input_ids.numel()
+        value = step_loss.item()
+        if not math.isfinite(value):
+            raise StageFailed(f"train-local: loss became {value} at step {step}; lower --lr")
+        losses.append(value)
+        log(step, value)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    model.eval()
+    return LoopResult(accelerator.unwrap_model(model), losses, tokens, seconds)
 
 
 def train_local(
@@ -65,7 +139,6 @@ def train_local(
     Returns:
         The update folder.
     """
-    from accelerate import Accelerator
     from peft import PeftModel, get_peft_model_state_dict
 
     config.require_site(site, "train-local")
@@ -89,51 +162,21 @@ def train_local(
     if card["tokenizer"]["fingerprint"] != models.tokenizer_fingerprint(tokenizer):
         raise BadInput(f"{data / 'data_card.json'}: prepared with another tokenizer; prepare again")
 
-    accelerator = Accelerator(
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        gradient_accumulation_steps=train.grad_accum,
-    )
     # Seeds differ by site and round so sites do not draw the same batches, yet every rerun is identical.
     seed = config.seed + 1000 * number + zlib.crc32(site.encode()) % 1000
     torch.manual_seed(seed)
-
     base = models.load_base_model(config.base_model.id)
     model = PeftModel.from_pretrained(base, parent_dir, is_trainable=True)
-    model.train()
     parent_tensors = read_tensors(parent_dir / ADAPTER_FILE)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    warmup = max(train.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    batches = _batches(torch.from_numpy(ids), torch.from_numpy(labels), train.batch_size, seed)
-    losses: list[float] = []
-    started = time.perf_counter()
-    tokens_seen = 0
-    for step in range(1, train.steps + 1):
-        step_loss = 0.0
-        for _ in range(train.grad_accum):
-            input_ids, target_labels = next(batches)
-            input_ids, target_labels = input_ids.to(accelerator.device), target_labels.to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=input_ids, labels=target_labels).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            step_loss += loss.item() / train.grad_accum
-            tokens_seen += input_ids.numel()
-        if not math.isfinite(step_loss):
-            raise StageFailed(f"train-local: loss became {step_loss} at step {step}; lower --lr")
-        losses.append(step_loss)
+    def progress(step: int, loss: float) -> None:
         if step == 1 or step % 5 == 0 or step == train.steps:
-            log(f"{site}: round {number} step {step}/{train.steps} loss {step_loss:.4f}")
-    seconds = time.perf_counter() - started
+            log(f"{site}: round {number} step {step}/{train.steps} loss {loss:.4f}")
 
-    local = get_peft_model_state_dict(accelerator.unwrap_model(model))
+    result = train_loop(model, ids, labels, train, seed, log=progress)
+    losses, seconds = result.losses, result.seconds
+
+    local = get_peft_model_state_dict(result.model)
     delta = {k: (local[k].detach().float().cpu() - parent_tensors[k].float()).contiguous() for k in parent_tensors}
     manifest = {
         "format": UPDATE_FORMAT,
@@ -147,7 +190,7 @@ def train_local(
         "train": {
             "steps": train.steps, "lr": train.lr, "batch_size": train.batch_size, "grad_accum": train.grad_accum,
             "loss_first": losses[0], "loss_last": losses[-1], "seconds": round(seconds, 3),
-            "tokens_per_second": round(tokens_seen / seconds, 1) if seconds else None,
+            "tokens_per_second": round(result.tokens_per_second, 1),
         },
         "privacy": {"mechanism": None},
     }

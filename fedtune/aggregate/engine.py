@@ -95,11 +95,13 @@ def aggregate_round(
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
     max_bytes = 2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20)
     valid, rejected = _collect(round_dir, config, parent, layout, max_bytes)
+    if strict and rejected:
+        # One error line (DESIGN §8): it names the first rejected update and counts the others.
+        first = rejected[0]
+        others = f"; {len(rejected) - 1} other update(s) also rejected" if len(rejected) > 1 else ""
+        raise BadInput(f"{round_dir / first['site']}: {first['reason']} (--strict: the round is not aggregated{others})")
     for item in rejected:
         warn(f"warning: {round_dir / item['site']}: rejected: {item['reason']}")
-    if strict and rejected:
-        first = rejected[0]
-        raise BadInput(f"{round_dir / first['site']}: {first['reason']} (--strict: the round is not aggregated)")
     if len(valid) < quorum:
         raise BadInput(
             f"{round_dir}: {len(valid)} valid update(s), below the quorum of {quorum}; nothing written"

@@ -49,6 +49,13 @@ def check_update(
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise Rejected(f"manifest.json: missing {', '.join(missing)}")
+    # Fields read below as mappings or numbers: a malformed value must reject the update, not crash the round.
+    for key in ("parent", "base_model", "lora"):
+        if not isinstance(manifest[key], dict):
+            raise Rejected(f"manifest.json: {key} must be a mapping")
+    train = manifest.get("train", {})
+    if not isinstance(train, dict):
+        raise Rejected("manifest.json: train must be a mapping")
     site = manifest["site"]
     if site != folder.name:
         raise Rejected(f"manifest names site '{site}' but the folder is '{folder.name}'")
@@ -57,6 +64,8 @@ def check_update(
     if manifest["round"] != parent["round"] + 1:
         raise Rejected(f"update is for round {manifest['round']}, this round is {parent['round'] + 1}")
     if manifest["parent"] != {"version": parent["version"], "sha256": parent["adapter_sha256"]}:
+        if manifest["parent"].get("version") == parent["version"]:
+            raise Rejected(f"trained from a different {parent['version']} (its sha256 is not the registry's)")
         raise Rejected(f"trained from {manifest['parent'].get('version')}, not from the current version {parent['version']}")
     if manifest["base_model"].get("sha256") != config.base_model.sha256:
         raise Rejected("trained on another base model (fingerprint differs)")
@@ -89,6 +98,10 @@ def check_update(
         for key in layout:
             if not torch.isfinite(handle.get_tensor(key)).all():
                 raise Rejected(f"tensor {key} holds NaN or Inf")
-    if not math.isfinite(float(manifest.get("train", {}).get("loss_last", 0.0) or 0.0)):
+    try:
+        loss_last = float(train.get("loss_last", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise Rejected("manifest.json: train.loss_last is not a number") from None
+    if not math.isfinite(loss_last):
         raise Rejected("training loss is not finite")
     return Update(site=site, folder=folder, manifest=manifest, sha256=manifest["sha256"], num_examples=num)

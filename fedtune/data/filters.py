@@ -11,8 +11,20 @@ from fedtune.data.sources import Record
 EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b")
 CARD = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
-# International (+CC …) or national formats with at least 8 digits, allowing spaces, dots, dashes and parentheses.
-PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w)")
+# International (+CC …, grouped or compact E.164) or national formats (at least two digit groups) with
+# 8 to 15 digits, allowing spaces, dots, dashes and parentheses.
+PHONE = re.compile(
+    r"(?<![\w+])(?:"
+    r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,12}(?:[ .-]\d{1,8}){0,5}"
+    r"|(?:\(\d{1,4}\)[ .-]?)?\d{2,5}(?:[ .-]\d{2,8}){1,4}"
+    r")(?!\w)"
+)
+# Calendar dates (2024-01-31, 2024.01.31, 31.01.2024, 01-31-2024) are not phone numbers.
+_DAY_OR_MONTH = r"(?:0?[1-9]|[12]\d|3[01])"
+DATE = re.compile(
+    rf"(?<!\d)(?:(?:19|20)\d{{2}}[-./]{_DAY_OR_MONTH}[-./]{_DAY_OR_MONTH}"
+    rf"|{_DAY_OR_MONTH}[-./]{_DAY_OR_MONTH}[-./](?:19|20)\d{{2}})(?!\d)"
+)
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -39,7 +51,7 @@ def _phone_ok(candidate: str) -> bool:
     # Dates (2024-01-31), versions and short numbers are not phone numbers.
     if len(digits) < 8 or len(digits) > 15:
         return False
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", candidate.strip()):
+    if DATE.search(candidate):
         return False
     return candidate.strip().startswith("+") or len(re.findall(r"[ .()-]", candidate)) >= 1
 

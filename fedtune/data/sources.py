@@ -31,7 +31,10 @@ def _from_mapping(row: dict, where: str) -> Record | None:
     if row.get("messages") is not None:
         messages = row["messages"]
         if isinstance(messages, str):
-            messages = json.loads(messages)
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError as err:
+                raise BadInput(f"{where}: `messages` is not valid JSON ({err.msg})") from None
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages
@@ -55,6 +58,13 @@ def read_records(path: Path) -> Iterator[Record]:
     """Yield the records of one file in order."""
     if not path.is_file():
         raise BadInput(f"{path}: input file not found")
+    try:
+        yield from _read(path)
+    except UnicodeDecodeError as err:
+        raise BadInput(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _read(path: Path) -> Iterator[Record]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with open(path, encoding="utf-8") as handle:
