@@ -32,8 +32,8 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def _aggregate(world, *extra, round_dir=None):
-    return ["aggregate", "--config", world.config_path, "--registry", world.registry,
+def _aggregate(world, *extra, round_dir=None, config=None):
+    return ["aggregate", "--config", config or world.config_path, "--registry", world.registry,
             "--updates", round_dir or world.round1, *extra]
 
 
@@ -59,8 +59,7 @@ def test_prepare_with_a_missing_input_file(world, capsys):
 def test_federation_file_with_an_unknown_key(world, capsys):
     bad = world.fed / "federation-bad.yaml"
     bad.write_text(world.config_path.read_text().replace("training:", "trainin:"))
-    line = _expect_bad_input(world, _aggregate(world) [:2] + [bad] + _aggregate(world)[3:], capsys,
-                             str(bad), "trainin: unknown key")
+    line = _expect_bad_input(world, _aggregate(world, config=bad), capsys, str(bad), "trainin: unknown key")
     assert "error: " + str(bad) in line
 
 
