@@ -36,7 +36,7 @@ def seeded_adapter(model, config: FederationConfig) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(config.seed)
     peft_model = get_peft_model(model, lora_config(config))
-    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     peft_model.unload()
     return state
 

@@ -96,6 +96,13 @@ class Registry:
                 raise BadInput(f"{self.log_path}: line {number} does not chain to the line before it")
             previous = hashlib.sha256(raw).hexdigest()
             entries.append(entry)
+        # The chain cannot vouch for its newest line; the files it names can.
+        for number, entry in enumerate(entries, start=1):
+            manifest = self.root / str(entry.get("version")) / "manifest.json"
+            if manifest.is_file() and hashlib.sha256(manifest.read_bytes()).hexdigest() != entry.get("manifest_sha256"):
+                raise BadInput(f"{self.log_path}: line {number} does not match {manifest} (one of them was edited)")
+        if entries and self.exists() and entries[-1].get("version") != self.latest_name():
+            raise BadInput(f"{self.log_path}: the last entry is {entries[-1].get('version')}, LATEST says {self.latest_name()}")
         return entries
 
     def resolve(self, ref: Path | str) -> Path:

@@ -176,7 +176,7 @@ def train_local(
     result = train_loop(model, ids, labels, train, seed, log=progress)
     losses, seconds = result.losses, result.seconds
 
-    local = get_peft_model_state_dict(result.model)
+    local = get_peft_model_state_dict(result.model, save_embedding_layers=False)
     delta = {k: (local[k].detach().float().cpu() - parent_tensors[k].float()).contiguous() for k in parent_tensors}
     manifest = {
         "format": UPDATE_FORMAT,

@@ -73,12 +73,13 @@ def prepare_site(
             if verdict:
                 dropped[verdict] += 1
                 continue
+            # Scrub first: records that differ only in an email address are duplicates once scrubbed.
+            record = scrub_record(record, pii)
             key = normalized_key(record)
             if key in seen:
                 dropped["duplicate"] += 1
                 continue
             seen.add(key)
-            record = scrub_record(record, pii)
             splits["eval" if _in_eval(key, settings.eval_fraction) else "train"].append((key, record))
         read += count
         sources.append({"name": path.name, "sha256": sha256_file(path), "records": count})

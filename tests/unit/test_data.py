@@ -548,3 +548,16 @@ def test_prepare_too_few_usable_records(federation, tmp_path):
     with pytest.raises(BadInput, match="usable"):
         prepare_site(config, "clinic", [raw], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_records_differing_only_in_pii_are_duplicates_after_scrubbing(federation, tmp_path):
+    from fedtune.data import prepare_site
+
+    config, _ = federation
+    rows = [{"instruction": "Who do I write to about claims?", "output": f"Write to {name}@example.com for claims."}
+            for name in ("anna", "bert", "carl")]
+    rows += [{"instruction": f"Question {i} about dev tests?", "output": f"Answer {i} about tests."} for i in range(6)]
+    card = prepare_site(config, "clinic", [write_jsonl(tmp_path / "pii.jsonl", rows)], tmp_path / "out")
+    assert card["dropped"]["duplicate"] == 2
+    assert card["pii_replaced"]["EMAIL"] == 3
+    assert card["records"]["kept"] == 7

@@ -249,3 +249,16 @@ def test_read_json_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{1:")
     with pytest.raises(BadInput, match="not valid JSON"):
         read_json(tmp_path / "bad.json")
+
+
+def test_edited_newest_line_or_manifest_fails_verification(registry):
+    """The chain cannot vouch for its last line, so the manifest it names must."""
+    manifest = registry.root / "v0000" / "manifest.json"
+    original = manifest.read_bytes()
+    manifest.write_bytes(original.replace(b'"seeded-init"', b'"fedavg"'))
+    with pytest.raises(BadInput, match="does not match"):
+        registry.verify_log()
+    manifest.write_bytes(original)
+    registry.verify_log()
+    (registry.root / "LATEST").write_text("v0000\n")
+    registry.verify_log()
