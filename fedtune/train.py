@@ -22,6 +22,7 @@ from fedtune.adapter import ADAPTER_FILE, read_tensors, write_adapter
 from fedtune.artifacts import atomic_folder, sha256_file, stamp, write_json_atomic
 from fedtune.config import FederationConfig, TrainingSettings
 from fedtune.data.prepare import read_prepared
+from fedtune.data.tokenize import IGNORE
 from fedtune.errors import BadInput, StageFailed
 from fedtune.registry import read_version_manifest, resolve_global
 
@@ -40,6 +41,29 @@ def _batches(ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int
         for start in range(0, len(order), batch_size):
             pick = order[start : start + batch_size]
             yield ids[pick], labels[pick]
+
+
+# Model families whose causal-LM head is a plain projection of the decoder's last hidden state
+# (no logit soft-capping or scaling), so the loss can be computed from the labelled positions alone.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, as `model(labels=…).loss`.
+
+    Instruction data trains on the answers only, so many positions need no projection onto the
+    vocabulary: projecting only the labelled ones saves compute and the [batch, seq, vocab] logits.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return model(input_ids=input_ids, labels=labels).loss
+    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    if not keep.any():
+        return hidden.sum() * 0.0
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
 @dataclass
@@ -92,8 +116,8 @@ def train_loop(
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(settings.grad_accum):
             input_ids, target = (t.to(accelerator.device, non_blocking=True) for t in next(batches))
-            with accelerator.accumulate(model):
-                loss = model(input_ids=input_ids, labels=target).loss
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = causal_lm_loss(model, input_ids, target)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)

@@ -172,3 +172,26 @@ def test_round_two_trains_from_the_latest_version(federation, round_one, prepare
     again = train_local(config, "bank", prepared["bank"], registry / "v0000", tmp_path / "elsewhere")
     assert fedkit.read_manifest(again)["round"] == 1
     assert fedkit.read_manifest(again)["parent"]["version"] == "v0000"
+
+
+def test_loss_on_labelled_positions_equals_the_models_own_loss(tiny_model):
+    """The loop projects only labelled positions onto the vocabulary; the loss must not change."""
+    from peft import LoraConfig, get_peft_model
+
+    from fedtune import models
+    from fedtune.train import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(models.load_base_model(str(tiny_model)),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, model.config.vocab_size, (3, 24))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    labels[1, 15:] = -100
+    labels[2] = -100  # a row with nothing to learn
+    ours = causal_lm_loss(model, ids, labels)
+    theirs = model(input_ids=ids, labels=labels).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    ours.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
