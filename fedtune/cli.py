@@ -54,6 +54,21 @@ def _table(header: list[str], rows: list[list[str]], title: str | None = None) -
     out.print(table)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fedtune import __version__
+
+        print(f"fedtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+) -> None:
+    """Federated fine-tuning of LLM adapters: sites train LoRA updates, a coordinator merges them."""
+
+
 @app.command()
 def init(
     folder: Annotated[Path, typer.Argument(help="folder of the new federation")],

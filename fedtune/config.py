@@ -15,6 +15,9 @@ DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 FEDERATION_FORMAT = "fedtune.federation/1"
 
 
+SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,31 +82,37 @@ class AggregationSettings(Strict):
 class SiteEntry(Strict):
     """One member of the federation."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=SITE_NAME)
 
 
-class FederationConfig(Strict):
-    """The contents of federation.yaml."""
+def _unique_names(sites: list) -> list:
+    names = [s.name for s in sites]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"site listed twice: {', '.join(dupes)}")
+    return sites
 
-    format: Literal["fedtune.federation/1"] = FEDERATION_FORMAT
-    name: str = "federation"
-    base_model: BaseModelRef = BaseModelRef()
+
+class TrainingPlan(Strict):
+    """What a federation file and a recipe both set: the adapter's shape and how sites train and merge."""
+
     lora: LoraSettings = LoraSettings()
     seq_len: int = Field(128, ge=8, le=131072)
     seed: int = 0
     training: TrainingSettings = TrainingSettings()
     data: DataSettings = DataSettings()
     aggregation: AggregationSettings = AggregationSettings()
+
+
+class FederationConfig(TrainingPlan):
+    """The contents of federation.yaml."""
+
+    format: Literal["fedtune.federation/1"] = FEDERATION_FORMAT
+    name: str = "federation"
+    base_model: BaseModelRef = BaseModelRef()
     sites: list[SiteEntry] = Field(min_length=1)
 
-    @field_validator("sites")
-    @classmethod
-    def _unique_sites(cls, sites: list[SiteEntry]) -> list[SiteEntry]:
-        names = [s.name for s in sites]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"site listed twice: {', '.join(dupes)}")
-        return sites
+    _unique_sites = field_validator("sites")(_unique_names)
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
@@ -119,23 +128,23 @@ class FederationConfig(Strict):
 class RecipeSite(Strict):
     """A simulated site and its raw files (paths relative to the recipe file)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=SITE_NAME)
     inputs: list[str] = Field(min_length=1)
 
 
-class Recipe(Strict):
+class Recipe(TrainingPlan):
     """A whole federation to run on one machine with `fedtune simulate`."""
 
     name: str = "simulation"
     model: str = DEFAULT_MODEL
     rounds: int = Field(3, ge=1)
-    lora: LoraSettings = LoraSettings()
-    seq_len: int = Field(128, ge=8, le=131072)
-    seed: int = 0
-    training: TrainingSettings = TrainingSettings()
-    data: DataSettings = DataSettings()
-    aggregation: AggregationSettings = AggregationSettings()
     sites: list[RecipeSite] = Field(min_length=2)
+
+    _unique_sites = field_validator("sites")(_unique_names)
+
+    def plan(self) -> dict:
+        """The recipe's settings as federation-file values."""
+        return {"name": self.name, **self.model_dump(include=set(TrainingPlan.model_fields))}
 
 
 T = TypeVar("T", bound=BaseModel)
@@ -187,12 +196,7 @@ def load_recipe(path: Path | str) -> tuple[Recipe, Path]:
     path = Path(path)
     if path.is_dir():
         path = path / "recipe.yaml"
-    recipe = parse_model(Recipe, read_yaml(path), str(path))
-    names = [s.name for s in recipe.sites]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise BadInput(f"{path}: sites: site listed twice: {', '.join(dupes)}")
-    return recipe, path.parent
+    return parse_model(Recipe, read_yaml(path), str(path)), path.parent
 
 
 def federation_to_yaml(config: FederationConfig) -> str:

@@ -55,6 +55,8 @@ def evaluate(
     splits = []
     for folder in data:
         card, ids, labels = read_prepared(Path(folder), config, "eval")
+        if any(card["site"] == seen for seen, _, _ in splits):
+            raise BadInput(f"{folder}: a second eval split for site '{card['site']}'; give each site's folder once")
         splits.append((card["site"], torch.from_numpy(ids), torch.from_numpy(labels)))
     if base_model is None:
         models.check_fingerprint(config.base_model.id, config.base_model.sha256, "evaluate")

@@ -7,7 +7,7 @@ from typing import Callable
 
 from fedtune import models
 from fedtune.aggregate import aggregate_round
-from fedtune.config import Recipe, load_recipe
+from fedtune.config import load_recipe
 from fedtune.data import prepare_site
 from fedtune.errors import BadInput
 from fedtune.evaluate import evaluate
@@ -15,18 +15,6 @@ from fedtune.federation import init_federation
 from fedtune.registry import Registry
 from fedtune.report import write_report
 from fedtune.train import round_dir_name, train_local
-
-
-def _overrides(recipe: Recipe) -> dict:
-    return {
-        "name": recipe.name,
-        "lora": recipe.lora.model_dump(),
-        "seq_len": recipe.seq_len,
-        "seed": recipe.seed,
-        "training": recipe.training.model_dump(),
-        "data": recipe.data.model_dump(),
-        "aggregation": recipe.aggregation.model_dump(),
-    }
 
 
 def simulate(recipe_path: Path, out: Path, log: Callable[[str], None] = lambda _msg: None) -> dict:
@@ -45,7 +33,7 @@ def simulate(recipe_path: Path, out: Path, log: Callable[[str], None] = lambda _
         raise BadInput(f"{out}: already holds a federation; choose an empty --out folder")
 
     log(f"init: {out / 'federation.yaml'} (model {recipe.model})")
-    config = init_federation(out, [s.name for s in recipe.sites], recipe.model, _overrides(recipe))
+    config = init_federation(out, [s.name for s in recipe.sites], recipe.model, recipe.plan())
     prepared = {}
     for site, paths in inputs.items():
         prepared[site] = out / "prepared" / site
