@@ -20,7 +20,7 @@ import torch
 from fedtune import models
 from fedtune.adapter import ADAPTER_FILE, read_tensors, write_adapter
 from fedtune.artifacts import atomic_folder, sha256_file, stamp, write_json_atomic
-from fedtune.config import FederationConfig, TrainingSettings
+from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.prepare import read_prepared
 from fedtune.data.tokenize import IGNORE
 from fedtune.errors import BadInput, StageFailed
@@ -166,14 +166,16 @@ def train_local(
     from peft import PeftModel, get_peft_model_state_dict
 
     config.require_site(site, "train-local")
-    train = config.training.model_copy(update={k: v for k, v in
-                                               {"steps": steps, "lr": lr, "batch_size": batch_size}.items() if v is not None})
-    if train.steps < 1 or train.lr <= 0 or train.batch_size < 1:
-        raise BadInput("train-local: --steps and --batch-size must be ≥ 1 and --lr > 0")
+    overrides = {k: v for k, v in {"steps": steps, "lr": lr, "batch_size": batch_size}.items() if v is not None}
+    train = parse_model(TrainingSettings, {**config.training.model_dump(), **overrides}, "train-local")
     parent_dir = resolve_global(global_ref)
     parent = read_version_manifest(parent_dir)
     if parent["base_model"]["sha256"] != config.base_model.sha256:
         raise BadInput(f"{parent_dir}: built on another base model than the federation's; use this federation's registry")
+    if parent.get("lora") != config.lora.model_dump(mode="json"):
+        raise BadInput(f"{parent_dir}: LoRA settings differ from federation.yaml's; use this federation's registry")
+    if sha256_file(parent_dir / ADAPTER_FILE) != parent["adapter_sha256"]:
+        raise BadInput(f"{parent_dir / ADAPTER_FILE}: does not match the sha256 in its manifest; fetch the version again")
     number = parent["round"] + 1
     target = updates / round_dir_name(number) / site
     if target.exists():

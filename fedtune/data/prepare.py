@@ -145,8 +145,14 @@ def read_prepared(folder: Path, config: FederationConfig, split: str) -> tuple[d
     if expected and sha256_file(path) != expected:
         raise BadInput(f"{path}: contents do not match data_card.json (changed after prepare); prepare again")
     table = pq.read_table(path)
-    ids = np.array(table.column("input_ids").to_pylist(), dtype=np.int64).reshape(-1, config.seq_len)
-    labels = np.array(table.column("labels").to_pylist(), dtype=np.int64).reshape(-1, config.seq_len)
-    return card, ids, labels
+    columns = []
+    for name in ("input_ids", "labels"):
+        if name not in table.column_names:
+            raise BadInput(f"{path}: column '{name}' missing; prepare again")
+        flat = np.asarray(table.column(name).combine_chunks().flatten(), dtype=np.int64)
+        if flat.size != table.num_rows * config.seq_len:
+            raise BadInput(f"{path}: rows are not all {config.seq_len} tokens long; prepare again")
+        columns.append(flat.reshape(table.num_rows, config.seq_len))
+    return card, columns[0], columns[1]
 
 

@@ -152,7 +152,8 @@ def test_overrides_are_used_and_recorded(federation, prepared, tmp_path):
 @pytest.mark.parametrize("override", [{"steps": 0}, {"lr": 0.0}, {"batch_size": 0}, {"lr": -1.0}])
 def test_bad_overrides_are_refused(federation, prepared, tmp_path, override):
     config, folder = federation
-    with pytest.raises(BadInput, match="train-local: --steps and --batch-size must be ≥ 1 and --lr > 0"):
+    (key,) = override
+    with pytest.raises(BadInput, match=f"train-local: {key}: Input should be greater than"):
         train_local(config, "dev", prepared["dev"], folder / "registry", tmp_path / "updates", **override)
     assert not (tmp_path / "updates").exists()
 
@@ -195,3 +196,17 @@ def test_loss_on_labelled_positions_equals_the_models_own_loss(tiny_model):
     ours.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_damaged_parent_version_is_refused(federation, prepared, tmp_path):
+    config, folder = federation
+    adapter = folder / "registry" / "v0000" / "adapter_model.safetensors"
+    tensors = load_file(adapter)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1.0
+    from safetensors.torch import save_file
+
+    save_file(tensors, adapter)
+    with pytest.raises(BadInput, match="does not match the sha256 in its manifest"):
+        train_local(config, "dev", prepared["dev"], folder / "registry", tmp_path / "updates")
+    assert not (tmp_path / "updates").exists()
