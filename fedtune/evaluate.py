@@ -11,23 +11,19 @@ import torch
 from fedtune import models
 from fedtune.config import FederationConfig
 from fedtune.data.prepare import read_prepared
-from fedtune.data.tokenize import IGNORE
 from fedtune.errors import BadInput
 from fedtune.registry import read_version_manifest
 
 
 @torch.no_grad()
 def _eval_loss(model, ids: torch.Tensor, labels: torch.Tensor, batch_size: int, device) -> tuple[float, int]:
+    """Summed next-token cross-entropy over the labelled tokens, and their count."""
     total, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
-        x = ids[start : start + batch_size].to(device)
-        y = labels[start : start + batch_size].to(device)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        target = y[:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        ).item()
-        count += int((target != IGNORE).sum())
+        logits, target = models.labelled_logits(
+            model, ids[start : start + batch_size].to(device), labels[start : start + batch_size].to(device))
+        total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        count += target.numel()
     return total, count
 
 

@@ -156,3 +156,25 @@ def load_base_model(model_id: str, dtype=None):
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+# Model families whose causal-LM head is a plain projection of the decoder's last hidden state
+# (no logit soft-capping or scaling), so logits can be computed at the labelled positions alone.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def labelled_logits(model, input_ids, labels):
+    """Logits [n, vocab] (float32) at the n positions whose next token has a label, and those labels [n].
+
+    Instruction data trains on the answers only, so many positions need no projection onto the
+    vocabulary: projecting only the labelled ones saves compute and the [batch, seq, vocab] tensor.
+    """
+    from fedtune.data.tokenize import IGNORE
+
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS:
+        hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state
+        return base.get_output_embeddings()(hidden[:, :-1][keep]).float(), target[keep]
+    return model(input_ids=input_ids).logits[:, :-1][keep].float(), target[keep]

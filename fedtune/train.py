@@ -22,7 +22,6 @@ from fedtune.adapter import ADAPTER_FILE, read_tensors, write_adapter
 from fedtune.artifacts import atomic_folder, sha256_file, stamp, write_json_atomic
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.prepare import read_prepared
-from fedtune.data.tokenize import IGNORE
 from fedtune.errors import BadInput, StageFailed
 from fedtune.registry import read_version_manifest, resolve_global
 
@@ -43,27 +42,12 @@ def _batches(ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int
             yield ids[pick], labels[pick]
 
 
-# Model families whose causal-LM head is a plain projection of the decoder's last hidden state
-# (no logit soft-capping or scaling), so the loss can be computed from the labelled positions alone.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
-
-
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled positions, as `model(labels=…).loss`.
-
-    Instruction data trains on the answers only, so many positions need no projection onto the
-    vocabulary: projecting only the labelled ones saves compute and the [batch, seq, vocab] logits.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS:
-        return model(input_ids=input_ids, labels=labels).loss
-    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    if not keep.any():
-        return hidden.sum() * 0.0
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, target[keep])
+    """Mean next-token cross-entropy over the labelled positions, as `model(labels=…).loss`."""
+    logits, target = models.labelled_logits(model, input_ids, labels)
+    if target.numel() == 0:
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(logits, target)
 
 
 @dataclass

@@ -210,3 +210,22 @@ def test_a_damaged_parent_version_is_refused(federation, prepared, tmp_path):
     with pytest.raises(BadInput, match="does not match the sha256 in its manifest"):
         train_local(config, "dev", prepared["dev"], folder / "registry", tmp_path / "updates")
     assert not (tmp_path / "updates").exists()
+
+
+def test_models_outside_the_plain_head_list_take_the_full_forward(tiny_model, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    from fedtune import models
+    from fedtune.train import causal_lm_loss
+
+    torch.manual_seed(1)
+    model = get_peft_model(models.load_base_model(str(tiny_model)),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    fast = causal_lm_loss(model, ids, labels).item()
+    monkeypatch.setattr(models, "PLAIN_HEAD_MODELS", set())
+    full = causal_lm_loss(model, ids, labels).item()
+    assert full == pytest.approx(fast, rel=1e-6)
+    assert full == pytest.approx(model(input_ids=ids, labels=labels).loss.item(), rel=1e-6)
