@@ -74,6 +74,8 @@ def evaluate(
         sites = {}
         for site, ids, labels in splits:
             total, count = _eval_loss(model, ids, labels, batch_size, device)
+            if count == 0:
+                raise BadInput(f"site {site}: its eval split has no labelled tokens; prepare it with more records")
             loss = total / max(count, 1)
             sites[site] = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
     finally:
