@@ -47,8 +47,6 @@ def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: Federa
     lora = lora_config(config).to_dict()
     lora["peft_type"] = "LORA"
     lora["task_type"] = "CAUSAL_LM"
-    if isinstance(lora.get("target_modules"), set):
-        lora["target_modules"] = sorted(lora["target_modules"])
     write_json_atomic(folder / CONFIG_FILE, json.loads(json.dumps(lora, default=_jsonable)))
     return sha256_file(folder / ADAPTER_FILE)
 

@@ -147,10 +147,9 @@ def train_local_cmd(
 
 
 def _aggregate_help() -> str:
-    from fedtune.aggregate import METHODS
+    from fedtune.aggregate import methods_help
 
-    lines = "\n\n".join(f"  {name}: {cls.summary}" for name, cls in METHODS.items())
-    return f"Validate a round's updates and merge them into the next global version.\n\nMethods:\n\n{lines}"
+    return f"Validate a round's updates and merge them into the next global version.\n\nMethods:\n\n{methods_help()}"
 
 
 @app.command(help=_aggregate_help())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from fedtune import models
@@ -68,8 +69,6 @@ def init_federation(
         registry.commit(version_name(0), sha, registry.path_of(version_name(0)) / "manifest.json")
         write_text_atomic(config_path, federation_to_yaml(config))
     except BaseException:
-        import shutil
-
         shutil.rmtree(registry.root, ignore_errors=True)
         raise
     return config

@@ -169,7 +169,7 @@ def labelled_logits(model, input_ids, labels):
     Instruction data trains on the answers only, so many positions need no projection onto the
     vocabulary: projecting only the labelled ones saves compute and the [batch, seq, vocab] tensor.
     """
-    from fedtune.data.tokenize import IGNORE
+    from fedtune.data.tokenize import IGNORE  # here, not at the top: fedtune.data imports this module
 
     target = labels[:, 1:]
     keep = target != IGNORE

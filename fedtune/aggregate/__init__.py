@@ -21,7 +21,8 @@ def make_method(name: str, trim: float = 0.2) -> Method:
 
 
 def methods_help() -> str:
-    return "; ".join(f"{name}: {cls.summary}" for name, cls in METHODS.items())
+    """One paragraph per method, for `fedtune aggregate --help`."""
+    return "\n\n".join(f"  {name}: {cls.summary}" for name, cls in METHODS.items())
 
 
 from fedtune.aggregate.engine import aggregate_round  # noqa: E402  (engine imports the registry above)

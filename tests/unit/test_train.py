@@ -175,16 +175,24 @@ def test_round_two_trains_from_the_latest_version(federation, round_one, prepare
     assert fedkit.read_manifest(again)["parent"]["version"] == "v0000"
 
 
-def test_loss_on_labelled_positions_equals_the_models_own_loss(tiny_model):
-    """The loop projects only labelled positions onto the vocabulary; the loss must not change."""
+@pytest.fixture
+def lora_model(tiny_model):
+    """The tiny model wrapped in a LoRA with non-zero B, so the adapter changes the output."""
     from peft import LoraConfig, get_peft_model
 
     from fedtune import models
-    from fedtune.train import causal_lm_loss
 
     torch.manual_seed(0)
-    model = get_peft_model(models.load_base_model(str(tiny_model)),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return get_peft_model(models.load_base_model(str(tiny_model)),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+
+def test_loss_on_labelled_positions_equals_the_models_own_loss(lora_model):
+    """The loop projects only labelled positions onto the vocabulary; the loss must not change."""
+    from fedtune.train import causal_lm_loss
+
+    model = lora_model
+    torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (3, 24))
     labels = ids.clone()
     labels[:, :10] = -100
@@ -212,15 +220,12 @@ def test_a_damaged_parent_version_is_refused(federation, prepared, tmp_path):
     assert not (tmp_path / "updates").exists()
 
 
-def test_models_outside_the_plain_head_list_take_the_full_forward(tiny_model, monkeypatch):
-    from peft import LoraConfig, get_peft_model
-
+def test_models_outside_the_plain_head_list_take_the_full_forward(lora_model, monkeypatch):
     from fedtune import models
     from fedtune.train import causal_lm_loss
 
+    model = lora_model
     torch.manual_seed(1)
-    model = get_peft_model(models.load_base_model(str(tiny_model)),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     labels = ids.clone()
     labels[:, :5] = -100
