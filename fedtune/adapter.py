@@ -15,14 +15,21 @@ from fedtune.errors import BadInput
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+UPDATE_FORMAT = "fedtune.update/1"
 
 
-def lora_config(config: FederationConfig):
+def lora_config(config: FederationConfig, rank: int | None = None):
+    """peft's LoraConfig of the federation, or of a site training a smaller `rank`.
+
+    A smaller rank keeps the federation's scaling alpha/r (alpha is scaled with the rank), so a
+    site's product means the same as the global adapter's.
+    """
     from peft import LoraConfig
 
+    rank = rank or config.lora.r
     return LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
+        r=rank,
+        lora_alpha=config.lora.alpha * rank / config.lora.r,
         lora_dropout=config.lora.dropout,
         target_modules=config.lora.target_modules,
         task_type="CAUSAL_LM",
@@ -41,10 +48,10 @@ def seeded_adapter(model, config: FederationConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: FederationConfig) -> str:
+def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: FederationConfig, rank: int | None = None) -> str:
     """Write adapter_model.safetensors and adapter_config.json into `folder`; returns the tensors' sha256."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
-    lora = lora_config(config).to_dict()
+    lora = lora_config(config, rank).to_dict()
     lora["peft_type"] = "LORA"
     lora["task_type"] = "CAUSAL_LM"
     write_json_atomic(folder / CONFIG_FILE, json.loads(json.dumps(lora, default=_jsonable)))

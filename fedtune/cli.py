@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.errors import FedtuneError
+from fedtune.errors import BadInput, FedtuneError
 
 app = typer.Typer(
     help="Federated fine-tuning of LLM adapters: sites train LoRA updates, a coordinator merges them.",
@@ -69,10 +69,19 @@ def _main(
     """Federated fine-tuning of LLM adapters: sites train LoRA updates, a coordinator merges them."""
 
 
+def _roster_entry(text: str) -> str | dict:
+    name, sep, rank = text.partition(":")
+    if not sep:
+        return name
+    if not rank.isdigit():
+        raise BadInput(f"--site {text}: give NAME or NAME:R with R the site's LoRA rank, e.g. lab:4")
+    return {"name": name, "lora_r": int(rank)}
+
+
 @app.command()
 def init(
     folder: Annotated[Path, typer.Argument(help="folder of the new federation")],
-    site: Annotated[list[str], typer.Option("--site", help="a site on the roster (repeat)")],
+    site: Annotated[list[str], typer.Option("--site", help="a site on the roster (repeat); NAME:R gives it a smaller LoRA rank R")],
     model: Annotated[Optional[str], typer.Option(help="base model id or folder [default: embedded SmolLM2-135M-Instruct]")] = None,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha")] = None,
@@ -87,7 +96,7 @@ def init(
     overrides = {"lora": lora} if lora else {}
     if seq_len is not None:
         overrides["seq_len"] = seq_len
-    config = init_federation(folder, site, model, overrides)
+    config = init_federation(folder, [_roster_entry(s) for s in site], model, overrides)
     result = {"federation": str(folder / "federation.yaml"), "registry": str(folder / "registry"), "version": "v0000",
               "base_model": config.base_model.model_dump()}
     if json_out:
@@ -158,7 +167,14 @@ def aggregate(
     registry: Annotated[Path, typer.Option(help="the registry folder")],
     updates: Annotated[Path, typer.Option(help="the round's folder, updates/round-NNNN")],
     method: Annotated[Optional[str], typer.Option(help="aggregation method (see above)")] = None,
-    trim: Annotated[Optional[float], typer.Option(help="trimmed-mean: fraction cut from each tail")] = None,
+    trim: Annotated[Optional[float], typer.Option(help="trimmed means: fraction cut from each tail")] = None,
+    byzantine: Annotated[Optional[int], typer.Option(help="krum, multi-krum: attackers tolerated (f)")] = None,
+    keep: Annotated[Optional[int], typer.Option(help="multi-krum: updates averaged [default: n - f]")] = None,
+    density: Annotated[Optional[float], typer.Option(help="ties, dare: fraction of each delta kept")] = None,
+    clip_norm: Annotated[Optional[float], typer.Option("--clip-norm", help="clip each site's delta to this L2 norm first")] = None,
+    max_weight: Annotated[Optional[float], typer.Option("--max-weight", help="cap on any site's weight fraction")] = None,
+    server_opt: Annotated[Optional[str], typer.Option("--server-opt", help="none, fedavgm, fedadagrad, fedadam or fedyogi")] = None,
+    server_lr: Annotated[Optional[float], typer.Option("--server-lr", help="server learning rate [default: 1, 0.01 adaptive]")] = None,
     quorum: Annotated[Optional[int], typer.Option(help="fewest valid updates that make a round")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="fail the round on any invalid update")] = False,
     json_out: JsonOpt = False,
@@ -166,14 +182,21 @@ def aggregate(
     from fedtune.aggregate import aggregate_round
     from fedtune.config import load_federation
 
-    result = aggregate_round(load_federation(config), registry, updates, method, trim, quorum, strict, warn=_log())
+    result = aggregate_round(
+        load_federation(config), registry, updates, strict=strict, warn=_log(), method=method, trim=trim,
+        byzantine=byzantine, keep=keep, density=density, clip_norm=clip_norm, max_weight=max_weight,
+        server_opt=server_opt, server_lr=server_lr, quorum=quorum,
+    )
     if json_out:
-        print(json.dumps({"version": result.version, "folder": str(result.folder),
-                          "contributors": result.contributors, "rejected": result.rejected}))
+        print(json.dumps({"version": result.version, "folder": str(result.folder), "contributors": result.contributors,
+                          "rejected": result.rejected, "reconstruction_error": result.reconstruction_error}))
     else:
         sites = ", ".join(f"{c['site']} ({c['weight']:.3f})" for c in result.contributors)
+        error = result.reconstruction_error
+        exactness = f"; reconstruction error max {error['max']:.2e}, mean {error['mean']:.2e}" if error else ""
         out.print(f"wrote {result.folder}: {len(result.contributors)} updates merged [{sites}]"
-                  + (f", {len(result.rejected)} rejected" if result.rejected else "") + f"; LATEST = {result.version}")
+                  + (f", {len(result.rejected)} rejected" if result.rejected else "") + exactness
+                  + f"; LATEST = {result.version}")
 
 
 @app.command()

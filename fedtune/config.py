@@ -55,6 +55,7 @@ class TrainingSettings(Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    prox_mu: float = Field(0.0, ge=0, description="FedProx: weight of (mu/2)·||w - w_global||² in the local loss")
 
 
 class DataSettings(Strict):
@@ -71,18 +72,40 @@ class DataSettings(Strict):
         return self
 
 
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+
+
 class AggregationSettings(Strict):
-    """How the coordinator merges a round."""
+    """How the coordinator merges a round (ALGORITHMS.md has every rule's definition)."""
 
     method: str = "fedavg"
-    trim: float = Field(0.2, ge=0, lt=0.5)
+    trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed means: fraction cut from each tail")
+    byzantine: int = Field(1, ge=0, description="krum, multi-krum: number of attackers tolerated (f)")
+    keep: int | None = Field(None, ge=1, description="multi-krum: updates averaged (default n - f)")
+    density: float = Field(0.5, gt=0, le=1, description="ties, dare: fraction of each delta kept")
+    clip_radius: float | None = Field(None, gt=0, description="centered-clip: radius tau (default: median update norm)")
+    clip_iterations: int = Field(3, ge=1, description="centered-clip: iterations")
+    clip_norm: float | None = Field(None, gt=0, description="clip every site's whole delta to this L2 norm first")
+    max_weight: float | None = Field(None, gt=0, le=1, description="cap on any site's weight fraction")
+    report_error: bool = Field(True, description="record fedavg's reconstruction error per layer (costs K²r²(d+k) per layer)")
+    server_opt: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "none"
+    server_lr: float | None = Field(None, gt=0, description="server learning rate (default 1 for none/fedavgm, 0.01 adaptive)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="beta1 of the server optimizer")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="beta2 of fedadam / fedyogi")
+    server_tau: float = Field(1e-3, gt=0, description="adaptivity tau of fedadagrad / fedadam / fedyogi")
     quorum: int = Field(2, ge=1)
+
+    def effective_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 1.0 if self.server_opt in ("none", "fedavgm") else 0.01
 
 
 class SiteEntry(Strict):
     """One member of the federation."""
 
     name: str = Field(pattern=SITE_NAME)
+    lora_r: int | None = Field(None, ge=1, description="this site trains a smaller rank (a site with a small GPU)")
 
 
 def _unique_names(sites: list) -> list:
@@ -114,8 +137,20 @@ class FederationConfig(TrainingPlan):
 
     _unique_sites = field_validator("sites")(_unique_names)
 
+    @model_validator(mode="after")
+    def _site_ranks(self) -> FederationConfig:
+        for site in self.sites:
+            if site.lora_r is not None and site.lora_r > self.lora.r:
+                raise ValueError(f"site {site.name}: lora_r {site.lora_r} is above the federation's lora.r {self.lora.r}")
+        return self
+
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+    def site_rank(self, site: str) -> int:
+        """The LoRA rank `site` trains at: its own lora_r, else the federation's."""
+        entry = next(s for s in self.sites if s.name == site)
+        return entry.lora_r or self.lora.r
 
     def require_site(self, site: str, source: str) -> None:
         if site not in self.site_names():
@@ -125,11 +160,20 @@ class FederationConfig(TrainingPlan):
             )
 
 
+class Attack(Strict):
+    """A simulated attacker: what it sends instead of its honest update."""
+
+    kind: Literal["sign-flip", "scale", "noise", "nan"]
+    factor: float = Field(10.0, description="scale: multiplier; sign-flip: the honest delta times -factor; noise: std in units of the honest delta's std")
+
+
 class RecipeSite(Strict):
     """A simulated site and its raw files (paths relative to the recipe file)."""
 
     name: str = Field(pattern=SITE_NAME)
     inputs: list[str] = Field(min_length=1)
+    lora_r: int | None = Field(None, ge=1)
+    attack: Attack | None = None
 
 
 class Recipe(TrainingPlan):
@@ -145,6 +189,9 @@ class Recipe(TrainingPlan):
     def plan(self) -> dict:
         """The recipe's settings as federation-file values."""
         return {"name": self.name, **self.model_dump(include=set(TrainingPlan.model_fields))}
+
+    def roster(self) -> list[dict]:
+        return [{"name": s.name, **({"lora_r": s.lora_r} if s.lora_r else {})} for s in self.sites]
 
 
 T = TypeVar("T", bound=BaseModel)

@@ -29,7 +29,7 @@ def global_manifest(config: FederationConfig, number: int, adapter_sha256: str, 
 
 def init_federation(
     folder: Path,
-    sites: list[str],
+    sites: list[str | dict],
     model: str | None = None,
     overrides: dict | None = None,
 ) -> FederationConfig:
@@ -37,7 +37,7 @@ def init_federation(
 
     Args:
         folder: the federation's folder (created if missing).
-        sites: the roster.
+        sites: the roster: names, or mappings such as {"name": "lab", "lora_r": 4}.
         model: base model id; the embedded SmolLM2-135M-Instruct when None.
         overrides: nested values for the federation file, e.g. {"lora": {"r": 16}}.
     """
@@ -49,7 +49,7 @@ def init_federation(
     if not sites:
         raise BadInput("init: name at least one site with --site NAME")
     data: dict = dict(overrides or {})
-    data["sites"] = [{"name": s} for s in sites]
+    data["sites"] = [s if isinstance(s, dict) else {"name": s} for s in sites]
     data["base_model"] = {"id": model or FederationConfig.model_fields["base_model"].default.id}
     if "name" not in data:
         data["name"] = folder.resolve().name

@@ -33,7 +33,7 @@ def simulate(recipe_path: Path, out: Path, log: Callable[[str], None] = lambda _
         raise BadInput(f"{out}: already holds a federation; choose an empty --out folder")
 
     log(f"init: {out / 'federation.yaml'} (model {recipe.model})")
-    config = init_federation(out, [s.name for s in recipe.sites], recipe.model, recipe.plan())
+    config = init_federation(out, recipe.roster(), recipe.model, recipe.plan())
     prepared = {}
     for site, paths in inputs.items():
         prepared[site] = out / "prepared" / site

@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from fedtune import models
-from fedtune.adapter import ADAPTER_FILE, read_tensors, write_adapter
+from fedtune.adapter import ADAPTER_FILE, UPDATE_FORMAT, lora_config, read_tensors, write_adapter
+from fedtune.aggregate.updates import factor_of, rank_slice
 from fedtune.artifacts import atomic_folder, sha256_file, stamp, write_json_atomic
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.prepare import read_prepared
 from fedtune.errors import BadInput, StageFailed
 from fedtune.registry import read_version_manifest, resolve_global
 
-UPDATE_FORMAT = "fedtune.update/1"
 
 
 def round_dir_name(number: int) -> str:
@@ -87,6 +87,8 @@ def train_loop(
     )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    # FedProx: the proximal term pulls the site towards the global version it started from.
+    anchors = [p.detach().clone() for p in params] if settings.prox_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = settings.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
@@ -102,7 +104,11 @@ def train_loop(
             input_ids, target = (t.to(accelerator.device, non_blocking=True) for t in next(batches))
             with accelerator.accumulate(model), accelerator.autocast():
                 loss = causal_lm_loss(model, input_ids, target)
-                accelerator.backward(loss)
+                if anchors is not None:
+                    proximal = sum((p - a).square().sum() for p, a in zip(params, anchors))
+                    accelerator.backward(loss + 0.5 * settings.prox_mu * proximal)
+                else:
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
@@ -147,7 +153,7 @@ def train_local(
     Returns:
         The update folder.
     """
-    from peft import PeftModel, get_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     config.require_site(site, "train-local")
     overrides = {k: v for k, v in {"steps": steps, "lr": lr, "batch_size": batch_size}.items() if v is not None}
@@ -176,8 +182,18 @@ def train_local(
     seed = config.seed + 1000 * number + zlib.crc32(site.encode()) % 1000
     torch.manual_seed(seed)
     base = models.load_base_model(config.base_model.id)
-    model = PeftModel.from_pretrained(base, parent_dir, is_trainable=True)
-    parent_tensors = read_tensors(parent_dir / ADAPTER_FILE)
+    # The site starts from the global version's first `rank` components: all of them at the
+    # federation's rank, the best truncation for a smaller one (svd/stack versions are in SVD order).
+    rank = config.site_rank(site)
+    parent_tensors = {k: rank_slice(v, k, rank).contiguous() for k, v in read_tensors(parent_dir / ADAPTER_FILE).items()}
+    model = get_peft_model(base, lora_config(config, rank))
+    result_load = set_peft_model_state_dict(model, parent_tensors)
+    if result_load.unexpected_keys:
+        raise BadInput(f"{parent_dir / ADAPTER_FILE}: keys do not fit the base model ({result_load.unexpected_keys[:2]})")
+    # FFA-LoRA keeps A at the shared seeded init; only B trains and travels.
+    trained = "B" if config.aggregation.method == "ffa" else "AB"
+    for name, param in model.named_parameters():
+        param.requires_grad = "lora_B" in name or ("lora_A" in name and trained == "AB")
 
     def progress(step: int, loss: float) -> None:
         if step == 1 or step % 5 == 0 or step == train.steps:
@@ -187,14 +203,16 @@ def train_local(
     losses, seconds = result.losses, result.seconds
 
     local = get_peft_model_state_dict(result.model, save_embedding_layers=False)
-    delta = {k: (local[k].detach().float().cpu() - parent_tensors[k].float()).contiguous() for k in parent_tensors}
+    sent = [k for k in parent_tensors if trained == "AB" or factor_of(k) != "A"]
+    delta = {k: (local[k].detach().float().cpu() - parent_tensors[k].float()).contiguous() for k in sent}
     manifest = {
         "format": UPDATE_FORMAT,
         "site": site,
         "round": number,
         "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
         "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
-        "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "target_modules": config.lora.target_modules},
+        "lora": {"r": rank, "alpha": config.lora.alpha, "target_modules": config.lora.target_modules},
+        "trained": trained,
         "num_examples": int(len(ids)),
         "num_tokens": int(card["tokens"]["train"]["trained"]),
         "train": {
@@ -205,7 +223,7 @@ def train_local(
         "privacy": {"mechanism": None},
     }
     with atomic_folder(target) as tmp:
-        write_adapter(tmp, delta, config)
+        write_adapter(tmp, delta, config, rank)
         manifest["sha256"] = sha256_file(tmp / ADAPTER_FILE)
         manifest.update(stamp())
         write_json_atomic(tmp / "manifest.json", manifest)

@@ -1,25 +1,88 @@
-"""The one small interface every aggregation method implements."""
+"""The small interfaces every aggregation method implements.
+
+A round's updates are deltas of the LoRA factors (local − parent). Methods come in three kinds, by
+what they need to see at once — which is what lets the engine stream the updates:
+
+- `LinearMethod`: the merged delta is Σ c_k·δ_k with one coefficient per site, chosen from the
+  weights and, when `needs_gram`, from the K×K Gram matrix of the whole flattened deltas (Krum,
+  geometric median, centered clipping). Memory: one tensor.
+- `CoordinateMethod`: a rule applied coordinate by coordinate to one key stacked over sites
+  (trimmed mean, median, TIES, DARE). Memory: one tensor × sites.
+- `LoraMethod`: sees both factors of one LoRA layer from every site and returns new factors
+  (svd, stack). Memory: one layer × sites.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 
 @dataclass(frozen=True)
 class Method:
-    """A rule that merges one tensor key across sites.
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    # False: every valid update counts equally whatever its num_examples (robust rules).
+    weighted: ClassVar[bool] = True
+    # True: the method reads the factors' products, so the manifest's reconstruction error is its own.
+    lora_aware: ClassVar[bool] = False
 
-    `combine` gets the sites' deltas for one key stacked on dim 0 (float32, [K, ...]) and their
-    normalized weights [K]; it returns the merged delta. Methods see one key at a time, so the
-    engine can stream the updates and never hold them all.
-    """
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    name: str
-    summary: str
-    weighted: bool = True
-    params: dict = field(default_factory=dict)
+    def check(self, count: int) -> None:
+        """Raise BadInput when the method cannot run on `count` valid updates."""
 
-    def combine(self, stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class LinearMethod(Method):
+    needs_gram: ClassVar[bool] = False
+
+    def coefficients(self, weights: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
+        """Coefficients c [K] (float64) of the merged delta Σ c_k δ_k.
+
+        Args:
+            weights: the sites' normalized weights [K], summing to 1.
+            gram: [K, K] float64, gram[i, j] = <δ_i, δ_j> over every tensor; None unless needs_gram.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CoordinateMethod(Method):
+    def combine(self, stacked: torch.Tensor, weights: torch.Tensor, key_index: int) -> torch.Tensor:
+        """Merge one key: `stacked` is [K, ...] float32, `weights` [K] float64 summing to 1.
+
+        `key_index` numbers the key within the adapter, so random rules (DARE) draw reproducibly.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LoraMethod(Method):
+    lora_aware: ClassVar[bool] = True
+
+    def output_rank(self, federation_rank: int, site_ranks: list[int]) -> int:
+        """The rank of the version this method writes."""
+        return federation_rank
+
+    def merge_layer(
+        self, bs: list[torch.Tensor], as_: list[torch.Tensor], weights: torch.Tensor, rank: int
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """New factors (B′, A′) of one layer from the sites' whole local factors.
+
+        Args:
+            bs: each site's B_k [d, r_k]; as_: each site's A_k [r_k, n], already multiplied by the
+                LoRA scaling s, so that ΔW_k = B_k @ as_[k].
+            weights: [K] float64 summing to 1.
+            rank: the output rank (see output_rank).
+
+        Returns:
+            B′ [d, r′], A′ [r′, n] with B′ @ A′ ≈ Σ p_k B_k A_k (scaling already inside), and the
+            relative error ‖ΔW* − B′A′‖ / ‖ΔW*‖.
+        """
         raise NotImplementedError

@@ -1,19 +1,33 @@
-"""Averaging: FedAvg (McMahan et al. 2017), weighted by each site's number of examples."""
+"""Averaging the factors: FedAvg (McMahan et al. 2017) and FFA-LoRA (Sun et al., ICLR 2024)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-import torch
+import numpy as np
 
-from fedtune.aggregate.base import Method
+from fedtune.aggregate.base import LinearMethod
 
 
 @dataclass(frozen=True)
-class FedAvg(Method):
-    name: str = "fedavg"
-    summary: str = "weighted mean of the sites' deltas (A and B averaged separately), weights = num_examples"
+class FedAvg(LinearMethod):
+    """A ← Σp_k A_k, B ← Σp_k B_k. Inexact when the sites' A drift apart (Σp_k B_k A_k ≠ B̄Ā); the
+    manifest records by how much."""
 
-    def combine(self, stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # tensordot keeps one output-sized buffer instead of a weighted copy of every site.
-        return torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
+    name: ClassVar[str] = "fedavg"
+    summary: ClassVar[str] = "weighted mean of A and of B separately (what most tools do; inexact, the error is recorded)"
+    # Only the factor-averaging rules need the engine to measure ‖ΔW* − B′A′‖ separately.
+    averages_factors: ClassVar[bool] = True
+
+    def coefficients(self, weights: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
+        return weights
+
+
+@dataclass(frozen=True)
+class FFA(FedAvg):
+    """FFA-LoRA: A stays frozen at the seeded init, sites train and send B only, so averaging B is the
+    exact mean of the products (ΔW is linear in B) — and half the traffic."""
+
+    name: ClassVar[str] = "ffa"
+    summary: ClassVar[str] = "A frozen at the seeded init, sites train B only; B ← Σp_k B_k (exact, half the traffic)"

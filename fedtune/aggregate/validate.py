@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fedtune.adapter import ADAPTER_FILE, tensor_layout
+from fedtune.adapter import ADAPTER_FILE, UPDATE_FORMAT, tensor_layout
+from fedtune.aggregate.updates import factor_of
 from fedtune.artifacts import read_json, sha256_file
 from fedtune.config import FederationConfig
 from fedtune.errors import BadInput
-from fedtune.train import UPDATE_FORMAT
 
 REQUIRED = ("site", "round", "parent", "base_model", "lora", "num_examples", "sha256")
 
@@ -30,6 +30,25 @@ class Update:
     manifest: dict
     sha256: str
     num_examples: int
+    rank: int
+    trained: str  # "AB", or "B" when A stayed frozen (ffa)
+    keys: set[str]
+    norm: float  # L2 norm of the whole delta
+
+
+def expected_layout(layout: dict, rank: int, trained: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors a site training `rank` components of `trained` factors sends, from the parent's layout."""
+    expected = {}
+    for key, (shape, dtype) in layout.items():
+        factor = factor_of(key)
+        if factor == "A":
+            if trained == "B":
+                continue
+            shape = (rank, *shape[1:])
+        elif factor == "B":
+            shape = (shape[0], rank, *shape[2:])
+        expected[key] = (shape, dtype)
+    return expected
 
 
 def check_update(
@@ -70,10 +89,15 @@ def check_update(
     if manifest["base_model"].get("sha256") != config.base_model.sha256:
         raise Rejected("trained on another base model (fingerprint differs)")
     lora = manifest["lora"]
+    rank = config.site_rank(site)
     if (lora.get("r"), lora.get("alpha"), lora.get("target_modules")) != (
-        config.lora.r, config.lora.alpha, config.lora.target_modules
+        rank, config.lora.alpha, config.lora.target_modules
     ):
-        raise Rejected(f"LoRA settings {lora} differ from the federation's")
+        raise Rejected(f"LoRA settings {lora} differ from the federation's (r {rank} for this site, "
+                       f"alpha {config.lora.alpha}, target_modules {config.lora.target_modules})")
+    trained = manifest.get("trained", "AB")
+    if trained not in ("AB", "B"):
+        raise Rejected("manifest.json: trained must be 'AB' or 'B'")
     num = manifest["num_examples"]
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise Rejected("num_examples must be a positive integer")
@@ -88,20 +112,29 @@ def check_update(
         got = tensor_layout(tensors)
     except BadInput as err:
         raise Rejected(str(err)) from None
-    if got.keys() != layout.keys():
-        extra, lost = sorted(got.keys() - layout.keys()), sorted(layout.keys() - got.keys())
+    expected = expected_layout(layout, rank, trained)
+    if got.keys() != expected.keys():
+        extra, lost = sorted(got.keys() - expected.keys()), sorted(expected.keys() - got.keys())
         raise Rejected(f"tensor keys differ from the global adapter (unexpected: {extra[:2]}, missing: {lost[:2]})")
-    for key, (shape, dtype) in layout.items():
+    for key, (shape, dtype) in expected.items():
         if got[key] != (shape, dtype):
             raise Rejected(f"tensor {key} is {got[key][1]}{list(got[key][0])}, expected {dtype}{list(shape)}")
+    square_sum = 0.0
     with safe_open(str(tensors), framework="pt") as handle:
-        for key in layout:
-            if not torch.isfinite(handle.get_tensor(key)).all():
-                raise Rejected(f"tensor {key} holds NaN or Inf")
+        for key in expected:
+            tensor = handle.get_tensor(key)
+            # One reduction gives the norm and the finiteness check: a NaN or Inf anywhere makes it non-finite.
+            part = float(torch.linalg.vector_norm(tensor))
+            if not math.isfinite(part):
+                if not torch.isfinite(tensor).all():
+                    raise Rejected(f"tensor {key} holds NaN or Inf")
+                part = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))  # finite but huge
+            square_sum += part * part
     try:
         loss_last = float(train.get("loss_last", 0.0) or 0.0)
     except (TypeError, ValueError):
         raise Rejected("manifest.json: train.loss_last is not a number") from None
     if not math.isfinite(loss_last):
         raise Rejected("training loss is not finite")
-    return Update(site=site, folder=folder, manifest=manifest, sha256=manifest["sha256"], num_examples=num)
+    return Update(site=site, folder=folder, manifest=manifest, sha256=manifest["sha256"], num_examples=num,
+                  rank=rank, trained=trained, keys=set(expected), norm=math.sqrt(square_sum))

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import fedkit
 from conftest import tree_digest
 from fedtune.errors import BadInput
-from fedtune.train import UPDATE_FORMAT, train_local
+from fedtune.adapter import UPDATE_FORMAT
+from fedtune.train import train_local
 
 ADAPTER = fedkit.ADAPTER
 

@@ -1,0 +1,118 @@
+"""Reading a round's updates one tensor key at a time.
+
+Every update file is opened with `safetensors.safe_open` (memory-mapped) and read key by key, so
+the engine holds one key of each site at most. A site that trained a smaller rank sent smaller
+factors; here they are zero-padded to the federation's rank (HetLoRA), and a site that trained B
+only (FFA) contributes a zero delta to A.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """The two factor keys of one adapted layer."""
+
+    name: str
+    a_key: str
+    b_key: str
+
+
+def lora_layers(keys) -> list[LoraLayer]:
+    """Pair lora_A / lora_B keys by layer; keys outside that pattern are not LoRA factors."""
+    found: dict[str, dict[str, str]] = {}
+    for key in keys:
+        match = LORA_KEY.match(key)
+        if match:
+            found.setdefault(match["layer"], {})[match["factor"]] = key
+    return [LoraLayer(name, parts["A"], parts["B"]) for name, parts in found.items() if set(parts) == {"A", "B"}]
+
+
+def factor_of(key: str) -> str | None:
+    match = LORA_KEY.match(key)
+    return match["factor"] if match else None
+
+
+def rank_slice(tensor: torch.Tensor, key: str, rank: int) -> torch.Tensor:
+    """The first `rank` components of a factor: rows of A, columns of B."""
+    factor = factor_of(key)
+    if factor == "A" and tensor.shape[0] != rank:
+        return tensor[:rank]
+    if factor == "B" and tensor.shape[1] != rank:
+        return tensor[:, :rank]
+    return tensor
+
+
+def pad_rank(tensor: torch.Tensor, key: str, rank: int) -> torch.Tensor:
+    """Zero-pad a factor of smaller rank to `rank` components."""
+    factor = factor_of(key)
+    if factor == "A" and tensor.shape[0] < rank:
+        return torch.cat([tensor, tensor.new_zeros(rank - tensor.shape[0], tensor.shape[1])], dim=0)
+    if factor == "B" and tensor.shape[1] < rank:
+        return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], rank - tensor.shape[1])], dim=1)
+    return tensor
+
+
+class RoundReader:
+    """The valid updates of a round behind open safe_open handles.
+
+    Args:
+        handles: one open safe_open handle per site, in the round's order.
+        keys_sent: the keys each site sent (B only for FFA sites).
+        scale: per-site factor applied to every delta (norm clipping; 1 when off).
+        rank: the federation's rank, to which smaller factors are padded.
+    """
+
+    def __init__(self, handles, keys_sent: list[set[str]], scale: np.ndarray, rank: int):
+        self.handles = handles
+        self.keys_sent = keys_sent
+        self.scale = scale
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def delta(self, site: int, key: str, padded: bool = True, scaled: bool = True) -> torch.Tensor | None:
+        """Site `site`'s delta for `key` as float32, or None where it is zero.
+
+        padded: zero-pad a smaller rank to the federation's; scaled: apply the clipping factor.
+        """
+        if key not in self.keys_sent[site]:
+            return None
+        tensor = self.handles[site].get_tensor(key)
+        if tensor.dtype != torch.float32:
+            tensor = tensor.to(torch.float32)
+        if scaled and self.scale[site] != 1.0:
+            tensor.mul_(float(self.scale[site]))
+        return pad_rank(tensor, key, self.rank) if padded else tensor
+
+    def stacked(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """[K, *shape] float32: every site's delta for one key."""
+        out = torch.zeros((len(self), *shape), dtype=torch.float32)
+        for site in range(len(self)):
+            tensor = self.delta(site, key)
+            if tensor is not None:
+                out[site] = tensor
+        return out
+
+    def gram(self, keys) -> np.ndarray:
+        """[K, K] float64 inner products of the sites' whole flattened deltas, one key at a time."""
+        count = len(self)
+        gram = torch.zeros((count, count), dtype=torch.float64)
+        for key in keys:
+            rows = [self.delta(site, key) for site in range(count)]
+            size = next((r.numel() for r in rows if r is not None), 0)
+            flat = torch.zeros((count, size), dtype=torch.float64)
+            for site, row in enumerate(rows):
+                if row is not None:
+                    flat[site] = row.reshape(-1)
+            gram += flat @ flat.T
+        return gram.numpy()
