@@ -53,10 +53,12 @@ class World:
 
 
 def build_world(root: Path, tiny_model: Path, extra_sites: dict[str, tuple[str, int]] | None = None,
-                train: bool = True) -> World:
+                train: bool = True, overrides: dict | None = None, ranks: dict[str, int] | None = None) -> World:
     """init + prepare + train-local for clinic, bank, dev (and `extra_sites`: name → (topic, record count)).
 
     Does what conftest's federation/prepared/round_one fixtures do, so a module can build it once.
+    `overrides` are merged into the federation's settings (e.g. {"aggregation": {"method": "ffa"}});
+    `ranks` gives sites a smaller LoRA rank.
     """
     from fedtune.data import prepare_site
     from fedtune.federation import init_federation
@@ -64,7 +66,9 @@ def build_world(root: Path, tiny_model: Path, extra_sites: dict[str, tuple[str, 
 
     extra_sites = extra_sites or {}
     sources = {site: (site, 40) for site in TOPICS} | extra_sites
-    config = init_federation(root / "fed", list(sources), str(tiny_model), json.loads(json.dumps(TINY_OVERRIDES)))
+    settings = json.loads(json.dumps(TINY_OVERRIDES)) | (overrides or {})
+    roster = [{"name": site, "lora_r": (ranks or {})[site]} if site in (ranks or {}) else site for site in sources]
+    config = init_federation(root / "fed", roster, str(tiny_model), settings)
     world = World(root=root, config=config, site_data={})
     for site, (topic, count) in sources.items():
         raw = write_jsonl(root / "raw" / f"{site}.jsonl", site_records(topic, count))

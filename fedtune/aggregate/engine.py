@@ -171,7 +171,7 @@ def aggregate_round(
         save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         sha = sha256_file(tmp / ADAPTER_FILE)
         adapter_config = read_json(parent_dir / CONFIG_FILE)
-        adapter_config.update(r=out_rank, lora_alpha=config.lora.alpha * out_rank / rank)
+        adapter_config.update(r=out_rank, lora_alpha=config.lora.alpha * out_rank / config.lora.r)
         write_json_atomic(tmp / CONFIG_FILE, adapter_config)
         extra = {}
         if state:
@@ -238,7 +238,8 @@ def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, opt
                 tensor = reader.delta(site, key, scaled=False)
                 if tensor is None:
                     continue
-                delta = tensor.mul_(float(coefficient)) if delta is None else delta.add_(tensor, alpha=float(coefficient))
+                # The first product is a new tensor: a tensor from get_tensor may share the file's mapping.
+                delta = tensor * float(coefficient) if delta is None else delta.add_(tensor, alpha=float(coefficient))
             if delta is None:
                 delta = torch.zeros(shape, dtype=torch.float32)
         else:

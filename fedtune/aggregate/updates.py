@@ -91,7 +91,7 @@ class RoundReader:
         if tensor.dtype != torch.float32:
             tensor = tensor.to(torch.float32)
         if scaled and self.scale[site] != 1.0:
-            tensor.mul_(float(self.scale[site]))
+            tensor = tensor * float(self.scale[site])  # not in place: the tensor may share the file's mapping
         return pad_rank(tensor, key, self.rank) if padded else tensor
 
     def stacked(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
