@@ -193,7 +193,7 @@ def aggregate(
     else:
         sites = ", ".join(f"{c['site']} ({c['weight']:.3f})" for c in result.contributors)
         error = result.reconstruction_error
-        exactness = f"; reconstruction error max {error['max']:.2e}, mean {error['mean']:.2e}" if error else ""
+        exactness = f"; reconstruction error max {error['max']:.2e}, mean {error['mean']:.2e}" if error and "max" in error else ""
         out.print(f"wrote {result.folder}: {len(result.contributors)} updates merged [{sites}]"
                   + (f", {len(result.rejected)} rejected" if result.rejected else "") + exactness
                   + f"; LATEST = {result.version}")
@@ -222,19 +222,22 @@ def evaluate(
 def simulate(
     recipe: Annotated[Path, typer.Argument(help="recipe folder (with recipe.yaml) or recipe file")],
     out_dir: Annotated[Path, typer.Option("--out", help="empty folder for the whole run")],
+    method: Annotated[Optional[str], typer.Option("--method", help="aggregation method instead of the recipe's (e.g. svd, ffa, median)")] = None,
+    baselines: Annotated[str, typer.Option("--baselines", help="also train local-only and/or centralized adapters: local,central")] = "",
     json_out: JsonOpt = False,
 ) -> None:
     """Run a whole federation on this machine: init, prepare, rounds of train-local + aggregate, evaluate."""
     from fedtune.report import report_rows
     from fedtune.simulate import simulate as run_simulate
 
-    report = run_simulate(recipe, out_dir, log=_log())
+    report = run_simulate(recipe, out_dir, log=_log(), method=method, baselines=baselines)
     if json_out:
         print(json.dumps(report))
         return
     header, rows = report_rows(report)
-    _table(header, rows, title="eval loss per site")
-    out.print(f"wrote {out_dir} (report.json, report.png, registry/, updates/, prepared/)")
+    _table(header, rows, title=f"eval loss per site ({report['method']})")
+    extra = ", baselines/" if report.get("baselines") else ""
+    out.print(f"wrote {out_dir} (report.json, report.png, registry/, updates/, prepared/{extra})")
 
 
 def main() -> None:

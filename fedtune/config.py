@@ -87,7 +87,9 @@ class AggregationSettings(Strict):
     clip_iterations: int = Field(3, ge=1, description="centered-clip: iterations")
     clip_norm: float | None = Field(None, gt=0, description="clip every site's whole delta to this L2 norm first")
     max_weight: float | None = Field(None, gt=0, le=1, description="cap on any site's weight fraction")
-    report_error: bool = Field(True, description="record fedavg's reconstruction error per layer (costs K²r²(d+k) per layer)")
+    report_error: bool | None = Field(
+        None, description="fedavg/ffa: record the reconstruction error per layer; it costs ~2(Kr)²(d+k) flops per "
+        "layer, so by default only when that totals under 10 GFLOP (svd and stack get it for free)")
     server_opt: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "none"
     server_lr: float | None = Field(None, gt=0, description="server learning rate (default 1 for none/fedavgm, 0.01 adaptive)")
     server_momentum: float = Field(0.9, ge=0, lt=1, description="beta1 of the server optimizer")

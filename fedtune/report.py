@@ -38,8 +38,13 @@ def write_report(folder: Path, report: dict) -> tuple[Path, Path]:
 
 
 def report_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per version, the base first) of eval loss per site."""
+    """Header and rows (one per version, the base first, then any baselines) of eval loss per site.
+
+    A baseline row leaves a site blank ("-") where it has no value, e.g. `local` for an attacker.
+    """
     sites = list(report["base"])
     rows = [["base"] + [f"{report['base'][s]:.4f}" for s in sites]]
     rows += [[r["version"]] + [f"{r['eval'][s]:.4f}" for s in sites] for r in report["rounds"]]
+    for kind, losses in report.get("baselines", {}).items():
+        rows.append([kind] + [f"{losses[s]:.4f}" if s in losses else "-" for s in sites])
     return ["version", *sites], rows

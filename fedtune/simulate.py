@@ -1,28 +1,59 @@
-"""`fedtune simulate`: a whole federation on one machine, through the same stage functions the CLI calls."""
+"""`fedtune simulate`: a whole federation on one machine, through the same stage functions the CLI calls.
+
+A recipe site may be an attacker: it trains honestly, then replaces its update with a forged one
+(`forge_update`) and signs what it sends, so only validation and the robust rules can stop it.
+"""
 
 from __future__ import annotations
 
+import math
+import zlib
 from pathlib import Path
 from typing import Callable
 
+import torch
+from safetensors.torch import save
+
 from fedtune import models
-from fedtune.aggregate import aggregate_round
-from fedtune.config import load_recipe
+from fedtune.adapter import ADAPTER_FILE, read_tensors
+from fedtune.aggregate import aggregate_round, method_class
+from fedtune.artifacts import read_json, sha256_file, write_bytes_atomic, write_json_atomic
+from fedtune.baselines import parse_baselines, run_baselines
+from fedtune.config import Attack, FederationConfig, load_recipe
 from fedtune.data import prepare_site
 from fedtune.errors import BadInput
 from fedtune.evaluate import evaluate
 from fedtune.federation import init_federation
 from fedtune.registry import Registry
 from fedtune.report import write_report
-from fedtune.train import round_dir_name, train_local
+from fedtune.train import train_local
 
 
-def simulate(recipe_path: Path, out: Path, log: Callable[[str], None] = lambda _msg: None) -> dict:
+def simulate(
+    recipe_path: Path,
+    out: Path,
+    log: Callable[[str], None] = lambda _msg: None,
+    method: str | None = None,
+    baselines: tuple[str, ...] | list[str] | str = (),
+) -> dict:
     """Run the recipe: init, prepare every site, R rounds of train-local then aggregate, evaluate all.
 
+    Args:
+        recipe_path: a recipe file or a folder holding recipe.yaml.
+        out: an empty folder for the whole run.
+        log: receives progress lines.
+        method: an aggregation method that replaces the recipe's (recorded in federation.yaml, so
+            train-local follows it: ffa freezes A).
+        baselines: "local" and/or "central" (a list or a comma-separated string): adapters trained
+            without federation for the same step budget, evaluated beside the global versions.
+
     Returns:
-        The report: {"name", "base": {site: loss}, "rounds": [{"version", "eval": {site: loss}}]}.
+        The report: {"name", "method", "attackers", "base": {site: loss},
+        "rounds": [{"version", "eval": {site: loss}, "rejected": [...]}], "baselines": {kind: {site: loss}}}.
     """
+    kinds = parse_baselines(baselines)
+    if method is not None:
+        method_class(method)  # an unknown name fails here, before anything is written
     recipe, recipe_dir = load_recipe(recipe_path)
     inputs = {site.name: [recipe_dir / p for p in site.inputs] for site in recipe.sites}
     for site, paths in inputs.items():
@@ -31,9 +62,15 @@ def simulate(recipe_path: Path, out: Path, log: Callable[[str], None] = lambda _
                 raise BadInput(f"{recipe_path}: site {site}: input {path} not found")
     if (out / "federation.yaml").exists() or (out / "registry").exists():
         raise BadInput(f"{out}: already holds a federation; choose an empty --out folder")
+    attacks = {site.name: site.attack for site in recipe.sites if site.attack is not None}
+    if len(attacks) == len(recipe.sites):
+        raise BadInput(f"{recipe_path}: every site is an attacker; leave at least one honest site")
 
+    plan = recipe.plan()
+    if method is not None:
+        plan["aggregation"]["method"] = method
     log(f"init: {out / 'federation.yaml'} (model {recipe.model})")
-    config = init_federation(out, recipe.roster(), recipe.model, recipe.plan())
+    config = init_federation(out, recipe.roster(), recipe.model, plan)
     prepared = {}
     for site, paths in inputs.items():
         prepared[site] = out / "prepared" / site
@@ -43,17 +80,82 @@ def simulate(recipe_path: Path, out: Path, log: Callable[[str], None] = lambda _
 
     base_model = models.load_base_model(config.base_model.id)
     base_eval = evaluate(config, "base", data_dirs, base_model=base_model)
-    report: dict = {"name": recipe.name, "base": {s: m["loss"] for s, m in base_eval["sites"].items()}, "rounds": []}
+    report: dict = {
+        "name": recipe.name, "method": config.aggregation.method, "attackers": {s: a.model_dump() for s, a in attacks.items()},
+        "base": {s: m["loss"] for s, m in base_eval["sites"].items()}, "rounds": [],
+    }
     log("eval base: " + _fmt(report["base"]))
     for number in range(1, recipe.rounds + 1):
-        for site in prepared:
-            train_local(config, site, prepared[site], registry.root, out / "updates", log=log)
-        result = aggregate_round(config, registry.root, out / "updates" / round_dir_name(number), warn=log)
+        round_dir = train_round(config, prepared, registry.root, out / "updates", attacks, log=log)
+        result = aggregate_round(config, registry.root, round_dir, warn=log)
         scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
-        report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()}})
+        report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()},
+                                 "rejected": result.rejected})
         log(f"eval {result.version}: " + _fmt(report["rounds"][-1]["eval"]))
+    if kinds:
+        honest = {site: folder for site, folder in prepared.items() if site not in attacks}
+        report["baselines"] = run_baselines(
+            config, honest, data_dirs, registry.path_of("v0000"), out / "baselines", kinds,
+            steps_per_site=recipe.rounds * config.training.steps, base_model=base_model, log=log)
     write_report(out, report)
     return report
+
+
+def train_round(
+    config: FederationConfig,
+    prepared: dict[str, Path],
+    registry: Path,
+    updates: Path,
+    attacks: dict[str, Attack] | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Path:
+    """Every site trains its update from the registry's LATEST; attackers then forge theirs.
+
+    Returns:
+        The round's updates folder (updates/round-NNNN).
+    """
+    attacks = attacks or {}
+    folder = None
+    for site, data in prepared.items():
+        folder = train_local(config, site, data, registry, updates, log=log)
+        if site in attacks:
+            forge_update(folder, attacks[site])
+            log(f"{site}: sent a forged update ({attacks[site].kind}, factor {attacks[site].factor:g})")
+    if folder is None:
+        raise BadInput("simulate: no sites to train")
+    return folder.parent
+
+
+def forge_update(folder: Path, attack: Attack) -> Path:
+    """Replace the update in `folder` by what `attack` sends, and re-sign it (the manifest's sha256).
+
+    sign-flip: delta × (−factor); scale: delta × factor; noise: Gaussian noise with std factor × the
+    honest delta's std, per tensor; nan: a NaN written into one tensor. The noise is seeded by the
+    site and round, so a rerun forges the same update.
+    """
+    manifest = read_json(folder / "manifest.json")
+    tensors = read_tensors(folder / ADAPTER_FILE)
+    seed = zlib.crc32(f"{manifest['site']}/{manifest['round']}".encode())
+    generator = torch.Generator().manual_seed(seed)
+    forged = {}
+    for key in sorted(tensors):
+        delta = tensors[key].to(torch.float32)
+        if attack.kind == "sign-flip":
+            delta = delta * -attack.factor
+        elif attack.kind == "scale":
+            delta = delta * attack.factor
+        elif attack.kind == "noise":
+            std = float(delta.std()) if delta.numel() > 1 else abs(float(delta.flatten()[0]))
+            delta = torch.randn(delta.shape, generator=generator) * (attack.factor * std)
+        forged[key] = delta.to(tensors[key].dtype).contiguous()
+    if attack.kind == "nan":
+        first = sorted(forged)[0]
+        forged[first] = forged[first].clone()
+        forged[first].view(-1)[0] = math.nan
+    write_bytes_atomic(folder / ADAPTER_FILE, save(forged, metadata={"format": "pt"}))
+    manifest["sha256"] = sha256_file(folder / ADAPTER_FILE)
+    write_json_atomic(folder / "manifest.json", manifest)
+    return folder
 
 
 def _fmt(losses: dict) -> str:

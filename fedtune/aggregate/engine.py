@@ -214,8 +214,12 @@ def merge_updates(
         state = _server_state(parent_dir, parent, optimizer)
         merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank)
         errors = None
-        if isinstance(rule, FedAvg) and settings.report_error and optimizer.plain:
-            errors = _averaging_error(reader, base, layout, valid, weights, merged, config)
+        if isinstance(rule, FedAvg) and optimizer.plain:
+            cost = _averaging_error_cost(layout, valid, rank)
+            if settings.report_error or (settings.report_error is None and cost <= ERROR_BUDGET_FLOPS):
+                errors = _averaging_error(reader, base, layout, valid, weights, merged, config)
+            else:
+                errors = {"skipped": f"would cost {cost / 1e9:.0f} GFLOP; set aggregation.report_error: true to record it"}
         return merged, state, errors, rank
 
 
@@ -298,9 +302,25 @@ def _averaging_error(reader, base, layout, valid, weights, merged, config) -> di
     return errors
 
 
-def _summarize(errors: dict[str, float] | None) -> dict | None:
+# Past this, measuring fedavg's error would take longer than the merge itself (seconds on a laptop).
+ERROR_BUDGET_FLOPS = 10e9
+
+
+def _averaging_error_cost(layout, valid: list[Update], rank: int) -> float:
+    """Flops of `_averaging_error`: two Gram matrices of the stacked factors per layer."""
+    width = sum(u.rank for u in valid) + rank
+    total = 0.0
+    for layer in lora_layers(layout):
+        d, n = layout[layer.b_key][0][0], layout[layer.a_key][0][1]
+        total += 2.0 * width * width * (d + n)
+    return total
+
+
+def _summarize(errors: dict | None) -> dict | None:
     if errors is None or not errors:
         return None
+    if "skipped" in errors:
+        return errors
     values = list(errors.values())
     return {"max": max(values), "mean": sum(values) / len(values), "per_layer": errors}
 

@@ -73,7 +73,7 @@ def _check_seed(seed: int) -> None:
 
 def _generator(seed: int, key_index: int) -> torch.Generator:
     generator = torch.Generator()
-    generator.manual_seed(seed * SEED_STRIDE)
+    generator.manual_seed(seed * SEED_STRIDE + key_index)
     return generator
 
 

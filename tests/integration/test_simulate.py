@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 import yaml
 
 from conftest import run_cli
@@ -67,3 +69,140 @@ def test_simulate_refuses_a_used_folder_and_bad_recipe(tmp_path, tiny_model, sit
     code, _, stderr = run_cli(["simulate", path, "--out", tmp_path / "run"], capsys)
     assert code == 2 and "missing.jsonl" in stderr
     assert not (tmp_path / "run").exists()
+
+
+def _recipe_file(tmp_path, tiny_model, site_files, name="recipe", rounds=1, attacks=None, **top):
+    """A tiny recipe on disk; `attacks` maps a site to its attack block."""
+    recipe = write_recipe(tmp_path, site_files, rounds=rounds)
+    recipe["model"] = str(tiny_model)
+    for site in recipe["sites"]:
+        if attacks and site["name"] in attacks:
+            site["attack"] = attacks[site["name"]]
+    recipe.update(top)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _tensors(folder):
+    from fedtune.adapter import read_tensors
+
+    return read_tensors(folder / "adapter_model.safetensors")
+
+
+def test_simulate_baselines_and_method_override(tmp_path, tiny_model, site_files, capsys):
+    recipe = _recipe_file(tmp_path, tiny_model, site_files, rounds=2)
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(["simulate", recipe, "--out", out, "--method", "ffa", "--baselines", "local,central"], capsys)
+    assert code == 0, stderr
+
+    # --method reaches the federation file (so train-local froze A), every version's manifest and the report.
+    assert yaml.safe_load((out / "federation.yaml").read_text())["aggregation"]["method"] == "ffa"
+    for version in ("v0001", "v0002"):
+        assert json.loads((out / "registry" / version / "manifest.json").read_text())["method"] == "ffa"
+    update = json.loads((out / "updates" / "round-0001" / "clinic" / "manifest.json").read_text())
+    assert update["trained"] == "B"
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "ffa"
+
+    # One local adapter per site (its own rounds × steps = 2 × 3) and one central (× 3 sites), each loadable.
+    from fedtune.config import load_federation
+    from fedtune.evaluate import evaluate
+
+    config = load_federation(out / "federation.yaml")
+    v0000 = _tensors(out / "registry" / "v0000")
+    for site in site_files:
+        folder = out / "baselines" / "local" / site
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["baseline"]["sites"] == [site] and manifest["baseline"]["train"]["steps"] == 6
+        assert (folder / "adapter_config.json").is_file()
+        trained = _tensors(folder)
+        assert set(trained) == set(v0000)
+        assert any(not torch.equal(trained[k], v0000[k]) for k in trained if "lora_A" in k)  # plain LoRA: A trains too
+        again = evaluate(config, folder, [out / "prepared" / site])
+        assert again["sites"][site]["loss"] == pytest.approx(report["baselines"]["local"][site], rel=1e-5)
+    central = json.loads((out / "baselines" / "central" / "manifest.json").read_text())
+    assert sorted(central["baseline"]["sites"]) == sorted(site_files) and central["baseline"]["train"]["steps"] == 18
+    assert set(report["baselines"]["central"]) == set(site_files)
+    again = evaluate(config, out / "baselines" / "central", [out / "prepared" / s for s in site_files])
+    for site, metrics in again["sites"].items():
+        assert metrics["loss"] == pytest.approx(report["baselines"]["central"][site], rel=1e-5)
+    rows = [line for line in stdout.splitlines() if line.strip("│ ").startswith(("local", "central"))]
+    assert len(rows) == 2, stdout
+
+
+def test_attacker_sends_its_forged_update_and_median_resists(tmp_path, tiny_model, site_files, capsys):
+    from fedtune.aggregate import aggregate_round
+    from fedtune.artifacts import sha256_file
+    from fedtune.config import load_federation
+    from fedtune.simulate import simulate
+
+    clean, attacked, median = tmp_path / "clean", tmp_path / "attacked", tmp_path / "median"
+    simulate(_recipe_file(tmp_path, tiny_model, site_files, "clean"), clean)
+    recipe = _recipe_file(tmp_path, tiny_model, site_files, "attacked", attacks={"dev": {"kind": "sign-flip", "factor": 10}})
+    code, _, stderr = run_cli(["simulate", recipe, "--out", attacked], capsys)
+    assert code == 0, stderr
+    simulate(recipe, median, method="median")
+
+    # The forged update is −10 × the honest one (training is seeded, so the clean run's dev is the
+    # honest update), it is signed, and it is the update the round used.
+    sent = attacked / "updates" / "round-0001" / "dev"
+    manifest = json.loads((sent / "manifest.json").read_text())
+    assert manifest["sha256"] == sha256_file(sent / "adapter_model.safetensors")
+    honest = _tensors(clean / "updates" / "round-0001" / "dev")
+    forged = _tensors(sent)
+    for key in honest:
+        assert torch.allclose(forged[key], -10 * honest[key], rtol=1e-6, atol=0)
+    version = json.loads((attacked / "registry" / "v0001" / "manifest.json").read_text())
+    used = {c["site"]: c for c in version["contributors"]}
+    assert used["dev"]["update_sha256"] == manifest["sha256"] and not version["rejected"]
+
+    # fedavg is linear: the attacked version moved by p_dev × (forged − honest) = p_dev × (−11) × honest.
+    v0000 = _tensors(clean / "registry" / "v0000")
+    fed_clean, fed_attacked = _tensors(clean / "registry" / "v0001"), _tensors(attacked / "registry" / "v0001")
+    p_dev = used["dev"]["weight"]
+    for key in honest:
+        assert torch.allclose(fed_attacked[key] - fed_clean[key], -11 * p_dev * honest[key], atol=1e-6)
+
+    # Coordinate-wise robust rules keep every coordinate inside the honest sites' range; fedavg leaves it.
+    h1, h2 = (_tensors(clean / "updates" / "round-0001" / s) for s in ("clinic", "bank"))
+    config = load_federation(attacked / "federation.yaml")
+    trimmed_registry = tmp_path / "trimmed" / "registry"
+    shutil.copytree(attacked / "registry" / "v0000", trimmed_registry / "v0000")
+    (trimmed_registry / "LATEST").write_text("v0000\n")
+    aggregate_round(config, trimmed_registry, attacked / "updates" / "round-0001", method="trimmed-mean", trim=0.4)
+    robust = {"median": _tensors(median / "registry" / "v0001"), "trimmed-mean": _tensors(trimmed_registry / "v0001")}
+    assert json.loads((median / "registry" / "v0001" / "manifest.json").read_text())["method"] == "median"
+    outside = 0
+    for key in honest:
+        low, high = torch.minimum(h1[key], h2[key]) - 1e-6, torch.maximum(h1[key], h2[key]) + 1e-6
+        for name, tensors in robust.items():
+            step = tensors[key] - v0000[key]
+            assert bool(((step >= low) & (step <= high)).all()), (name, key)
+        fed_step = fed_attacked[key] - v0000[key]
+        outside += int(((fed_step < low) | (fed_step > high)).sum())
+    assert outside > 0
+
+
+def test_nan_attacker_is_rejected_and_the_round_proceeds(tmp_path, tiny_model, site_files, capsys):
+    recipe = _recipe_file(tmp_path, tiny_model, site_files, rounds=2, attacks={"bank": {"kind": "nan"}})
+    out = tmp_path / "run"
+    code, _, stderr = run_cli(["simulate", recipe, "--out", out], capsys)
+    assert code == 0, stderr
+    assert "warning:" in stderr and "bank: rejected" in stderr and "NaN" in stderr
+    for version in ("v0001", "v0002"):
+        manifest = json.loads((out / "registry" / version / "manifest.json").read_text())
+        assert [r["site"] for r in manifest["rejected"]] == ["bank"] and "NaN" in manifest["rejected"][0]["reason"]
+        assert sorted(c["site"] for c in manifest["contributors"]) == ["clinic", "dev"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["attackers"] == {"bank": {"kind": "nan", "factor": 10.0}}
+    assert [r["rejected"][0]["site"] for r in report["rounds"]] == ["bank", "bank"]
+
+
+def test_simulate_refuses_unknown_baseline_and_method(tmp_path, tiny_model, site_files, capsys):
+    recipe = _recipe_file(tmp_path, tiny_model, site_files)
+    for extra, message in ((["--baselines", "local,federated"], "--baselines: unknown baseline 'federated'"),
+                           (["--method", "average"], "unknown method 'average'")):
+        code, _, stderr = run_cli(["simulate", recipe, "--out", tmp_path / "run", *extra], capsys)
+        assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
+        assert not (tmp_path / "run").exists()

@@ -1,0 +1,788 @@
+"""Aggregation: fedtune's streaming merge vs Flower's `aggregate` and peft's `add_weighted_adapter`.
+
+    python benchmarks/aggregate.py                          # 7B-Llama LoRA shapes at 4, 16, 64 sites + whole process
+    python benchmarks/aggregate.py --sites 4,16             # less disk (1.1 GB instead of 4.3 GB of updates)
+    python benchmarks/aggregate.py --preset tiny --whole-preset tiny --sites 2,4 --repeat 1   # checks the script
+
+Round 1 of a real federation is built on disk under --work (reused by later runs): a registry with
+v0000 and updates/round-0001/<site>/ holding random deltas N(0, 1e-3) and manifests that pass
+`check_update`. Every contender runs in its own process, on warm page-cache files, so peak RSS is its
+own:
+
+  fedtune ...        `merge_updates` in-process (validation with `check_update` untimed): the streaming
+                     merge reading the safetensors files key by key; returns parent + merged delta.
+  flower ...         `flwr.server.strategy.aggregate.aggregate` / `aggregate_trimmed_avg(…, 0.2)` on the
+                     arrays as a Flower server holds them (list[(NDArrays, num_examples)], loaded untimed);
+                     returns the merged delta.
+  peft ...           `add_weighted_adapter` on a peft model holding every site's adapter (parent + delta;
+                     base weights are stride-0 views, so only the LoRA factors use memory). "linear" is
+                     A ← Σ√(p_k·s)·A_k, B ← Σ√(p_k·s)·B_k (not fedavg's product, same cost); "svd" forms
+                     each dense d×k product and takes its SVD.
+  whole process      `fedtune aggregate` (validation, merge, write, commit) vs "the Flower way": a process
+                     that loads every update with safetensors.numpy, runs `aggregate`, adds the parent and
+                     saves the result.
+
+Prints wall time, update GB/s (total update bytes / wall time), peak RSS and the speed ratio
+(peer time / fedtune time: > 1 means fedtune faster), then PASS/MISS for each goal. --save writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SAVE = ROOT / "benchmarks" / "results" / "aggregate_cpu.json"
+ADAPTER = "adapter_model.safetensors"
+FAKE_SHA = "5eed" * 16  # the base model's fingerprint: never loaded, only compared
+ROSTER = 64  # sites on the federation's roster (a round uses the first K of them)
+GENERATOR = 1  # bump when the generated data changes, to rebuild cached rounds
+
+# LoRA shapes: module path → (in_features, out_features); lora_A is [r, in], lora_B [out, r].
+_LLAMA_7B = {f"self_attn.{m}_proj": (4096, 4096) for m in "qkvo"}
+_SMOLLM2 = {
+    "self_attn.q_proj": (576, 576), "self_attn.k_proj": (576, 192), "self_attn.v_proj": (576, 192),
+    "self_attn.o_proj": (576, 576), "mlp.gate_proj": (576, 1536), "mlp.up_proj": (576, 1536),
+    "mlp.down_proj": (1536, 576),
+}
+PRESETS = {
+    # r 16 on q,k,v,o of a 7B Llama (32 layers of width 4096): 67 MB of float32 per update.
+    "llama-7b": dict(model="llama-7b-shapes", layers=32, r=16, alpha=32, modules=_LLAMA_7B),
+    # r 64 on every linear layer of SmolLM2-135M (30 layers, hidden 576, intermediate 1536, 3 kv heads): 78 MB.
+    "smollm2-135m": dict(model="smollm2-135m-shapes", layers=30, r=64, alpha=128, modules=_SMOLLM2),
+    # a few hundred KB, to check the script itself in seconds
+    "tiny": dict(model="tiny-shapes", layers=2, r=4, alpha=8,
+                 modules={"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32)}),
+}
+
+# Rows of the in-process table: name → (kind, parameters, what it computes).
+CONTENDERS = {
+    "fedtune fedavg": ("engine", dict(method="fedavg", report_error=False),
+                       "merge_updates, fedavg, report_error=False: parent + Σp_k·δ_k per key"),
+    "fedtune fedavg+err": ("engine", dict(method="fedavg", report_error=True),
+                           "merge_updates, fedavg with the default report_error=True (per-layer ‖ΔW*−B′A′‖)"),
+    "fedtune trimmed": ("engine", dict(method="trimmed-mean", trim=0.2),
+                        "merge_updates, trimmed-mean 0.2 (unweighted, per coordinate)"),
+    "fedtune svd": ("engine", dict(method="svd"),
+                    "merge_updates, svd: exact mean of the products, rank-r re-factoring via QR + small SVD"),
+    "flower aggregate": ("flower", dict(fn="aggregate"), "flwr aggregate(results): weighted mean of the deltas"),
+    "flower trimmed": ("flower", dict(fn="trimmed"), "flwr aggregate_trimmed_avg(results, 0.2)"),
+    "peft linear": ("peft", dict(combination="linear"),
+                    "add_weighted_adapter linear: A←Σ√(p·s)A_k, B←Σ√(p·s)B_k over all sites' adapters"),
+    "peft svd": ("peft", dict(combination="svd"),
+                 "add_weighted_adapter svd: Σp_k·ΔW_k dense per module + full SVD (timed on a subset, scaled)"),
+}
+# fedtune row → the peer rows it is compared with (speed ratio = peer time / fedtune time).
+PEERS = {
+    "fedtune fedavg": ["flower aggregate", "peft linear"],
+    "fedtune fedavg+err": ["flower aggregate", "peft linear"],
+    "fedtune trimmed": ["flower trimmed"],
+    "fedtune svd": ["peft svd"],
+}
+
+
+# --------------------------------------------------------------------------------------- shapes, data
+
+
+def spec_of(preset: str) -> dict:
+    return PRESETS[preset]
+
+
+def lora_keys(spec: dict, layers: int | None = None) -> list[tuple[str, tuple[int, int]]]:
+    """(key, shape) of every LoRA factor, in peft's naming."""
+    r, out = spec["r"], []
+    for i in range(spec["layers"] if layers is None else layers):
+        for path, (fin, fout) in spec["modules"].items():
+            prefix = f"base_model.model.model.layers.{i}.{path}"
+            out.append((f"{prefix}.lora_A.weight", (r, fin)))
+            out.append((f"{prefix}.lora_B.weight", (fout, r)))
+    return out
+
+
+def update_bytes(spec: dict) -> int:
+    return sum(4 * a * b for _, (a, b) in lora_keys(spec))
+
+
+def federation(preset: str, report_error: bool = True):
+    from fedtune.config import FederationConfig
+
+    spec = spec_of(preset)
+    return FederationConfig.model_validate({
+        "name": f"bench-{preset}",
+        "base_model": {"id": spec["model"], "sha256": FAKE_SHA},
+        "lora": {"r": spec["r"], "alpha": spec["alpha"],
+                 "target_modules": [path.rsplit(".", 1)[1] for path in spec["modules"]]},
+        "aggregation": {"report_error": report_error},
+        "sites": [{"name": site_name(i)} for i in range(ROSTER)],
+    })
+
+
+def site_name(index: int) -> str:
+    return f"site{index:03d}"
+
+
+def num_examples(index: int) -> int:
+    return 50 + (index * 7919) % 451  # 50…500, different for each site
+
+
+class Layout:
+    """Where one preset's round lives under --work."""
+
+    def __init__(self, work: Path, preset: str):
+        self.root = work / preset
+        self.fed = self.root / "fed"
+        self.config = self.fed / "federation.yaml"
+        self.config_noerror = self.fed / "federation-report-error-off.yaml"
+        self.registry = self.fed / "registry"
+        self.backup = self.root / "registry-backup"  # LATEST and log.jsonl as v0000 left them
+        self.pool = self.root / "pool"
+        self.stamp = self.root / "bench.json"
+
+    def round_dir(self, sites: int) -> Path:
+        return self.root / "rounds" / f"k{sites}" / "round-0001"
+
+    def update_files(self, sites: int) -> list[Path]:
+        return [self.pool / site_name(i) / ADAPTER for i in range(sites)]
+
+
+def cached_bytes(layout: Layout, sites: int) -> int:
+    return sum(f.stat().st_size for f in layout.update_files(sites) if f.is_file())
+
+
+def build_round(layout: Layout, preset: str, sites: int, log=print) -> None:
+    """A federation with v0000 and round-0001 of `sites` updates, reusing what an earlier run wrote."""
+    import numpy as np
+    import torch
+
+    from fedtune.adapter import UPDATE_FORMAT, write_adapter
+    from fedtune.artifacts import atomic_folder, read_json, sha256_file, stamp, write_json_atomic
+    from fedtune.config import federation_to_yaml
+    from fedtune.federation import global_manifest
+    from fedtune.registry import Registry, read_version_manifest, version_name
+
+    spec = spec_of(preset)
+    want = {"preset": preset, "spec": json.loads(json.dumps(spec)), "roster": ROSTER, "generator": GENERATOR}
+    if layout.stamp.is_file() and json.loads(layout.stamp.read_text()) != want:
+        log(f"  {layout.root}: made by another version of this script; rebuilding")
+        shutil.rmtree(layout.root)
+    config = federation(preset)
+    registry = Registry(layout.registry)
+    if not registry.exists():
+        shutil.rmtree(layout.root, ignore_errors=True)
+        layout.fed.mkdir(parents=True)
+        layout.config.write_text(federation_to_yaml(config))
+        layout.config_noerror.write_text(federation_to_yaml(federation(preset, report_error=False)))
+        generator = torch.Generator().manual_seed(0)
+        tensors = {}
+        for key, shape in lora_keys(spec):
+            if key.endswith("lora_A.weight"):  # peft's init: A ~ U(±1/√in), B = 0
+                bound = 1 / shape[1] ** 0.5
+                tensors[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+            else:
+                tensors[key] = torch.zeros(shape)
+        layout.registry.mkdir(parents=True)
+        with atomic_folder(registry.path_of(version_name(0))) as tmp:
+            sha = write_adapter(tmp, tensors, config)
+            manifest = global_manifest(config, 0, sha, parent=None, method="seeded-init",
+                                       params={"seed": config.seed}, contributors=[], rejected=[])
+            write_json_atomic(tmp / "manifest.json", manifest)
+        registry.commit(version_name(0), sha, registry.path_of(version_name(0)) / "manifest.json")
+        layout.backup.mkdir(parents=True, exist_ok=True)
+        for name in ("LATEST", "log.jsonl"):
+            shutil.copy2(layout.registry / name, layout.backup / name)
+        layout.stamp.write_text(json.dumps(want, indent=2) + "\n")
+    reset_registry(layout)
+    parent = read_version_manifest(registry.latest())
+    made = 0
+    for index in range(sites):
+        folder = layout.pool / site_name(index)
+        manifest_path = folder / "manifest.json"
+        if manifest_path.is_file() and read_json(manifest_path)["parent"]["sha256"] == parent["adapter_sha256"]:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        generator = torch.Generator().manual_seed(1000 + index)
+        delta = {key: torch.randn(shape, generator=generator).mul_(1e-3) for key, shape in lora_keys(spec)}
+        with atomic_folder(folder) as tmp:
+            write_adapter(tmp, delta, config)
+            manifest = {
+                "format": UPDATE_FORMAT, "site": site_name(index), "round": 1,
+                "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
+                "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
+                "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "target_modules": config.lora.target_modules},
+                "trained": "AB", "num_examples": num_examples(index), "num_tokens": 128 * num_examples(index),
+                "train": {"steps": 20, "lr": 2e-3, "batch_size": 4, "grad_accum": 1, "loss_first": 2.5,
+                          "loss_last": float(np.float32(2.0 - index / 1000)), "seconds": 1.0, "tokens_per_second": 1.0},
+                "privacy": {"mechanism": None},
+                "sha256": sha256_file(tmp / ADAPTER),
+                **stamp(),
+            }
+            write_json_atomic(tmp / "manifest.json", manifest)
+        made += 1
+        if made % 8 == 0:
+            log(f"  wrote {made} updates")
+    if made:
+        log(f"  {preset}: wrote {made} new update(s) into {layout.pool}")
+    round_dir = layout.round_dir(sites)
+    shutil.rmtree(round_dir, ignore_errors=True)
+    round_dir.mkdir(parents=True)
+    for index in range(sites):
+        (round_dir / site_name(index)).symlink_to(Path("..", "..", "..", "pool", site_name(index)))
+
+
+def reset_registry(layout: Layout) -> None:
+    """Undo a `fedtune aggregate` run: drop v0001 (and any half-written folder), restore LATEST and the log."""
+    for child in layout.registry.iterdir():
+        if child.name != "v0000" and child.is_dir():
+            shutil.rmtree(child)
+    for name in ("LATEST", "log.jsonl"):
+        shutil.copy2(layout.backup / name, layout.registry / name)
+
+
+def warm(files: list[Path]) -> None:
+    """One read pass so the timed runs find the files in the page cache."""
+    for path in files:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 23):
+                pass
+
+
+# --------------------------------------------------------------------------------------- measuring
+
+
+class AnonPeak:
+    """Peak anonymous RSS (RssAnon), sampled every 20 ms: ru_maxrss also counts file pages mapped by
+    mmap (safetensors' safe_open), which the kernel can drop; this shows what the process itself allocated."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now_kb() -> int:
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def _poll(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now_kb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now_kb()) / 1024
+
+
+def timed(fn, repeat: int, budget: float) -> list[float]:
+    """Run `fn` up to `repeat` times, stopping early once `budget` seconds are spent; each result is
+    dropped before the next run so two never coexist."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+        del result
+        if sum(times) > budget:
+            break
+    return times
+
+
+def sample(arrays: dict) -> dict[str, list[float]]:
+    """A few values of the merged delta per key, to check the contenders agree."""
+    return {key: [float(v) for v in values.reshape(-1)[:: max(1, values.size // 64)][:64]] for key, values in arrays.items()}
+
+
+def child_engine(task: dict) -> dict:
+    import torch
+
+    from fedtune.adapter import ADAPTER_FILE, tensor_layout
+    from fedtune.aggregate import make_method
+    from fedtune.aggregate.engine import clip_factors, merge_updates, site_weights
+    from fedtune.aggregate.validate import check_update
+    from fedtune.config import AggregationSettings, load_federation
+    from fedtune.registry import Registry, read_version_manifest
+
+    layout = Layout(Path(task["work"]), task["preset"])
+    config = load_federation(layout.config)
+    parent_dir = Registry(layout.registry).latest()
+    parent = read_version_manifest(parent_dir)
+    shapes = tensor_layout(parent_dir / ADAPTER_FILE)
+    max_bytes = 2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20)
+    round_dir = layout.round_dir(task["sites"])
+    valid = [check_update(folder, config, parent, shapes, max_bytes) for folder in sorted(round_dir.iterdir())]
+    params = task["params"]
+    settings = AggregationSettings(**params)
+    for attempt in range(10):  # the robust module may be mid-edit by someone else
+        try:
+            rule = make_method(params["method"], settings, seed=1)
+            break
+        except (ImportError, SyntaxError, AttributeError):
+            if attempt == 9:
+                raise
+            time.sleep(30)
+    weights = site_weights([u.num_examples for u in valid], rule.weighted, settings.max_weight)
+    scale = clip_factors([u.norm for u in valid], settings.clip_norm)
+    anon = AnonPeak()
+
+    def run():
+        return merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale)
+
+    times = timed(run, task["repeat"], task["budget"])
+    merged = run() if task.get("sample") else None
+    out = {"times": times, "anon_peak_mb": anon.stop()}
+    if merged is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as base:
+            keys = [k for k in base.keys()][:: max(1, len(shapes) // 8)]
+            out["sample"] = sample({k: (merged[0][k] - base.get_tensor(k)).numpy() for k in keys})
+        out["errors"] = None if merged[2] is None else max(merged[2].values())
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
+def child_flower(task: dict) -> dict:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from flwr.server.strategy.aggregate import aggregate, aggregate_trimmed_avg
+
+    layout = Layout(Path(task["work"]), task["preset"])
+    round_dir = layout.round_dir(task["sites"])
+    with safe_open(str(layout.registry / "v0000" / ADAPTER), framework="np") as handle:
+        keys = list(handle.keys())
+    results = []
+    for folder in sorted(round_dir.iterdir()):
+        arrays = load_file(str(folder / ADAPTER))
+        results.append(([arrays[k] for k in keys], json.loads((folder / "manifest.json").read_text())["num_examples"]))
+        del arrays
+    anon = AnonPeak()
+    if task["params"]["fn"] == "aggregate":
+        run = lambda: aggregate(results)  # noqa: E731
+    else:
+        run = lambda: aggregate_trimmed_avg(results, 0.2)  # noqa: E731
+    times = timed(run, task["repeat"], task["budget"])
+    out = {"times": times, "anon_peak_mb": anon.stop()}
+    if task.get("sample"):
+        merged = run()
+        picked = keys[:: max(1, len(keys) // 8)]
+        out["sample"] = sample({k: merged[keys.index(k)] for k in picked})
+    return out
+
+
+def peft_skeleton(spec: dict, layers: int, modules: list[str]):
+    """A module tree with peft's key names whose target Linear layers have the real shapes but hold
+    no memory: each weight is a stride-0 view of one zero."""
+    import torch
+    from torch import nn
+
+    root = nn.Module()
+    root.model = nn.Module()
+    root.model.layers = nn.ModuleList()
+    for _ in range(layers):
+        layer = nn.Module()
+        for path in modules:
+            group, name = path.split(".")
+            if not hasattr(layer, group):
+                setattr(layer, group, nn.Module())
+            fin, fout = spec["modules"][path]
+            linear = nn.Linear(fin, fout, bias=False, device="meta")
+            linear.weight = nn.Parameter(torch.zeros(1, 1).expand(fout, fin), requires_grad=False)
+            setattr(getattr(layer, group), name, linear)
+        root.model.layers.append(layer)
+    return root
+
+
+def child_peft(task: dict) -> dict:
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+
+    layout = Layout(Path(task["work"]), task["preset"])
+    spec = spec_of(task["preset"])
+    combination = task["params"]["combination"]
+    # svd: a dense d×k SVD per module (~80 s each at 4096² on 2 cores), so time `subset` modules and scale.
+    subset = task.get("subset")
+    all_keys = [k for k, _ in lora_keys(spec)]
+    if subset:
+        paths = list(spec["modules"])[:subset]
+        layers = 1
+        keys = [k for k, _ in lora_keys(spec, 1) if any(f".{p}." in k for p in paths)]
+    else:
+        paths, layers, keys = list(spec["modules"]), spec["layers"], all_keys
+    model = peft_skeleton(spec, layers, paths)
+    names = [p.rsplit(".", 1)[1] for p in paths]
+    lora = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=names, lora_dropout=0.0)
+    round_dir = layout.round_dir(task["sites"])
+    folders = sorted(round_dir.iterdir())
+    counts = np.array([json.loads((f / "manifest.json").read_text())["num_examples"] for f in folders], dtype=np.float64)
+    weights = (counts / counts.sum()).tolist()
+    with safe_open(str(layout.registry / "v0000" / ADAPTER), framework="pt") as handle:
+        parent = {k: handle.get_tensor(k) for k in keys}
+    peft_model = None
+    adapters = []
+    for folder in folders:
+        name = folder.name
+        if peft_model is None:
+            peft_model = get_peft_model(model, lora, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, lora)
+        params = dict(peft_model.named_parameters())
+        with safe_open(str(folder / ADAPTER), framework="pt") as handle:
+            for key in keys:  # the site's local adapter: parent + delta
+                target = key.replace(".lora_A.weight", f".lora_A.{name}.weight").replace(".lora_B.weight", f".lora_B.{name}.weight")
+                params[target].data.copy_(parent[key]).add_(handle.get_tensor(key))
+        adapters.append(name)
+    del parent
+    anon = AnonPeak()
+    count = [0]
+
+    def run():
+        count[0] += 1
+        merged = f"merged{count[0]}"
+        peft_model.add_weighted_adapter(adapters, weights, merged, combination_type=combination)
+        peft_model.delete_adapter(merged)  # so the next repeat does not hold two merged adapters
+
+    torch.set_grad_enabled(False)
+    times = timed(run, task["repeat"], task["budget"])
+    out = {"times": times, "anon_peak_mb": anon.stop()}
+    out["threads"] = torch.get_num_threads()
+    if subset:
+        out["scaled_from"] = f"{len(keys) // 2} of {len(all_keys) // 2} modules"
+        out["scale"] = (len(all_keys) // 2) / (len(keys) // 2)
+    return out
+
+
+def flower_process(round_dir: Path, parent_file: Path, out_file: Path) -> None:
+    """The Flower way, as a whole process: load every update, aggregate, add the parent, save."""
+    from safetensors.numpy import load_file, save_file
+
+    from flwr.server.strategy.aggregate import aggregate
+
+    parent = load_file(str(parent_file))
+    keys = list(parent)
+    results = []
+    for folder in sorted(round_dir.iterdir()):
+        arrays = load_file(str(folder / ADAPTER))
+        results.append(([arrays[k] for k in keys], json.loads((folder / "manifest.json").read_text())["num_examples"]))
+    merged = aggregate(results)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: parent[k] + delta for k, delta in zip(keys, merged)}, str(out_file))
+
+
+def child(task: dict) -> dict:
+    import resource
+
+    result = {"engine": child_engine, "flower": child_flower, "peft": child_peft}[task["kind"]](task)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def run_process(cmd: list[str], log_file: Path, env: dict) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MB, exit code) of one process, its RSS from wait4 on it alone."""
+    with open(log_file, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def run_child(task: dict, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(task)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"failed": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def disk_check(layout: Layout, spec: dict, sites: int, what: str) -> None:
+    need = sites * update_bytes(spec) * 1.01 - cached_bytes(layout, sites) + 3 * update_bytes(spec)
+    layout.root.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(layout.root.parent).free
+    if need > free - (2 << 30):
+        sys.exit(f"{what}: {sites} updates need {need / 1e9:.1f} GB more under {layout.root.parent}, "
+                 f"{free / 1e9:.1f} GB free (keeping 2 GB); use fewer --sites or another --work")
+
+
+def memory_need(name: str, sites: int, per_update: int) -> float:
+    """Bytes a contender holds at once, roughly: the loaded updates (and Flower's weighted copies)."""
+    kind = CONTENDERS[name][0]
+    if kind == "flower":
+        return (2 if name == "flower aggregate" else 1.1) * sites * per_update
+    if kind == "peft":
+        return 1.2 * sites * per_update if name == "peft linear" else 0
+    return 0
+
+
+def speed(record: dict) -> float | None:
+    return record.get("seconds")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-7b", help="in-process rows")
+    parser.add_argument("--sites", default="4,16,64", help="site counts for the in-process rows")
+    parser.add_argument("--only", default="", help="comma-separated rows to run [default: all]; 'none' skips them")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median reported)")
+    parser.add_argument("--budget", type=float, default=20.0, help="stop repeating a row after this many seconds")
+    parser.add_argument("--svd-sites", default="", help="site counts for the svd rows [default: the smallest of --sites]")
+    parser.add_argument("--peft-svd-modules", type=int, default=1, help="peft svd: modules timed (then scaled)")
+    parser.add_argument("--whole-preset", choices=sorted(PRESETS), default="smollm2-135m")
+    parser.add_argument("--whole-sites", type=int, default=16, help="updates for the whole-process rows; 0 skips them")
+    parser.add_argument("--whole-repeat", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fedtune-bench-aggregate"), help="cache of generated rounds")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", type=Path, nargs="?", const=DEFAULT_SAVE, help=f"write the JSON record [default {DEFAULT_SAVE.relative_to(ROOT)}]")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--flower-process", nargs=3, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    if args.flower_process:
+        flower_process(*args.flower_process)
+        return
+
+    import psutil
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    say = (lambda *_a, **_k: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    site_counts = sorted({int(s) for s in args.sites.split(",") if s.strip()})
+    if site_counts and site_counts[-1] > ROSTER:
+        sys.exit(f"--sites: at most {ROSTER}")
+    svd_sites = sorted({int(s) for s in args.svd_sites.split(",") if s.strip()}) or site_counts[:1]
+    rows = list(CONTENDERS) if not args.only else [r.strip() for r in args.only.split(",") if r.strip() and r.strip() != "none"]
+    unknown = [r for r in rows if r not in CONTENDERS]
+    if unknown:
+        sys.exit(f"--only: unknown rows {unknown}; choose from {', '.join(CONTENDERS)}")
+    spec = spec_of(args.preset)
+    per_update = update_bytes(spec)
+    layout = Layout(args.work, args.preset)
+    say(f"{args.preset}: {len(lora_keys(spec)) // 2} LoRA modules, r {spec['r']}, {per_update:,} bytes "
+        f"({per_update / 1e6:.1f} MB) of float32 per update")
+    record = {"preset": args.preset, "update_bytes": per_update, "cpu": f"{psutil.cpu_count()} cores",
+              "rows": [], "whole": None, "goals": []}
+
+    if rows and site_counts:
+        disk_check(layout, spec, site_counts[-1], "--sites")
+        say(f"building round 1 with {site_counts[-1]} updates under {layout.root} (reused when cached)")
+        build_round(layout, args.preset, site_counts[-1], say)
+        for sites in site_counts:
+            build_round(layout, args.preset, sites, say)
+            warm(layout.update_files(sites) + [layout.registry / "v0000" / ADAPTER])
+            total = cached_bytes(layout, sites)
+            for name in rows:
+                kind, params, _ = CONTENDERS[name]
+                if name.endswith("svd") and sites not in svd_sites:
+                    continue
+                row = {"contender": name, "sites": sites, "update_bytes_total": total}
+                need = memory_need(name, sites, per_update)
+                available = psutil.virtual_memory().available
+                if need > available - (2 << 30):
+                    row["skipped"] = f"needs ~{need / 1e9:.1f} GB, {available / 1e9:.1f} GB available"
+                    say(f"  {name:<20} {sites:>3} sites: skipped ({row['skipped']})")
+                    record["rows"].append(row)
+                    continue
+                task = {"kind": kind, "params": params, "preset": args.preset, "sites": sites, "work": str(args.work),
+                        "repeat": args.repeat, "budget": args.budget,
+                        "sample": name in ("fedtune fedavg", "fedtune trimmed", "flower aggregate", "flower trimmed")}
+                if name == "peft svd":
+                    task.update(repeat=1, subset=args.peft_svd_modules)
+                result = run_child(task, env)
+                if "failed" in result:
+                    row["failed"] = result["failed"]
+                    say(f"  {name:<20} {sites:>3} sites: FAILED\n{result['failed']}")
+                    record["rows"].append(row)
+                    continue
+                seconds = statistics.median(result["times"]) * result.get("scale", 1.0)
+                row.update(seconds=seconds, gb_per_s=total / seconds / 1e9, **result)
+                record["rows"].append(row)
+                note = f" (est. from {result['scaled_from']})" if "scaled_from" in result else ""
+                say(f"  {name:<20} {sites:>3} sites: {seconds:8.3f} s{note}  runs {['%.3f' % t for t in result['times']]}"
+                    f"  peak RSS {result['peak_rss_mb']:.0f} MB (anon {result['anon_peak_mb']:.0f} MB)")
+        agreement(record, say)
+
+    if args.whole_sites:
+        record["whole"] = whole_process(args, env, say)
+    record["goals"] = goals(record, site_counts)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        clean = json.loads(json.dumps(record))
+        for row in clean["rows"]:
+            row.pop("sample", None)
+        args.save.write_text(json.dumps(clean, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return
+    print_table(record, args)
+
+
+def agreement(record: dict, say) -> None:
+    """Max |difference| between the merged deltas of fedtune and Flower (sampled values)."""
+    checks = []
+    by = {(r["contender"], r["sites"]): r for r in record["rows"] if "sample" in r}
+    for ours, theirs in (("fedtune fedavg", "flower aggregate"), ("fedtune trimmed", "flower trimmed")):
+        for (name, sites), row in by.items():
+            other = by.get((theirs, sites))
+            if name != ours or other is None:
+                continue
+            diff = max(abs(a - b) for k in row["sample"] for a, b in zip(row["sample"][k], other["sample"][k]))
+            scale = max(abs(b) for k in other["sample"] for b in other["sample"][k])
+            checks.append({"pair": f"{ours} vs {theirs}", "sites": sites, "max_abs_diff": diff, "max_abs_value": scale})
+            say(f"  check {ours} vs {theirs} at {sites} sites: max |diff| {diff:.2e} (values up to {scale:.2e})")
+    record["agreement"] = checks
+
+
+def whole_process(args, env: dict, say) -> dict:
+    spec = spec_of(args.whole_preset)
+    per_update = update_bytes(spec)
+    layout = Layout(args.work, args.whole_preset)
+    sites = args.whole_sites
+    disk_check(layout, spec, sites, "--whole-sites")
+    say(f"whole process: {args.whole_preset}, {len(lora_keys(spec)) // 2} LoRA modules, r {spec['r']}, "
+        f"{per_update:,} bytes ({per_update / 1e6:.1f} MB) per update, {sites} updates")
+    build_round(layout, args.whole_preset, sites, say)
+    round_dir = layout.round_dir(sites)
+    total = cached_bytes(layout, sites)
+    flower_out = layout.root / "flower-out" / ADAPTER
+    fedtune_cli = Path(sys.executable).parent / "fedtune"
+    fedtune_cmd = [str(fedtune_cli)] if fedtune_cli.is_file() else [sys.executable, "-m", "fedtune.cli"]
+    commands = {
+        "fedtune aggregate": fedtune_cmd + ["aggregate", "--config", str(layout.config), "--registry", str(layout.registry),
+                                            "--updates", str(round_dir)],
+        "fedtune aggregate (report_error off)": fedtune_cmd + [
+            "aggregate", "--config", str(layout.config_noerror), "--registry", str(layout.registry), "--updates", str(round_dir)],
+        "flower way": [sys.executable, __file__, "--flower-process", str(round_dir),
+                       str(layout.registry / "v0000" / ADAPTER), str(flower_out)],
+    }
+    runs = {name: [] for name in commands}
+    logs = layout.root / "logs"
+    logs.mkdir(exist_ok=True)
+    for attempt in range(args.whole_repeat):
+        for name, cmd in commands.items():  # interleaved, so a noisy moment hits every contender
+            reset_registry(layout)
+            warm(layout.update_files(sites) + [layout.registry / "v0000" / ADAPTER])
+            wall, rss, code = run_process(cmd, logs / f"{name.split()[0]}-{attempt}.log", env)
+            if code != 0:
+                sys.exit(f"{name} failed ({code}):\n{(logs / f'{name.split()[0]}-{attempt}.log').read_text()[-3000:]}")
+            runs[name].append({"seconds": wall, "peak_rss_mb": rss})
+            say(f"  {name:<38} run {attempt + 1}: {wall:6.2f} s   peak RSS {rss:6.0f} MB")
+    # The fedtune output (last run of the default config) against the Flower way's.
+    diff = whole_agreement(layout.registry / "v0001" / ADAPTER, flower_out)
+    say(f"  check fedtune v0001 vs the Flower way's output: max |diff| {diff:.2e}")
+    reset_registry(layout)
+    result = {"preset": args.whole_preset, "sites": sites, "update_bytes": per_update, "update_bytes_total": total,
+              "max_abs_diff_vs_flower": diff, "rows": {}}
+    for name, items in runs.items():
+        seconds = statistics.median(r["seconds"] for r in items)
+        result["rows"][name] = {"seconds": seconds, "gb_per_s": total / seconds / 1e9,
+                                "peak_rss_mb": max(r["peak_rss_mb"] for r in items), "runs": items}
+    return result
+
+
+def whole_agreement(ours: Path, theirs: Path) -> float:
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(ours)), load_file(str(theirs))
+    return max(float(abs(a[k].astype("float64") - b[k]).max()) for k in a)
+
+
+def goals(record: dict, site_counts: list[int]) -> list[dict]:
+    rows = {(r["contender"], r["sites"]): r for r in record["rows"] if "seconds" in r}
+    out = []
+
+    def rate_goal(name: str, target: float, label: str):
+        row = rows.get((name, 16))
+        if row is None:
+            out.append({"goal": label, "result": "NOT RUN", "detail": f"no {name} row at 16 sites"})
+            return
+        ok = row["gb_per_s"] >= target
+        out.append({"goal": label, "result": "PASS" if ok else "MISS", "detail": f"{row['gb_per_s']:.2f} GB/s"})
+
+    rate_goal("fedtune fedavg", 4.0, "fedavg ≥ 4 GB/s at 16 sites (report_error=False)")
+    rate_goal("fedtune fedavg+err", 4.0, "fedavg ≥ 4 GB/s at 16 sites, default report_error=True")
+    rate_goal("fedtune trimmed", 1.0, "trimmed mean ≥ 1 GB/s at 16 sites")
+    for name in ("fedtune fedavg", "fedtune fedavg+err", "fedtune trimmed"):
+        peaks = [(s, rows[(name, s)]["peak_rss_mb"], rows[(name, s)]["anon_peak_mb"]) for s in site_counts if (name, s) in rows]
+        if len(peaks) < 2:
+            continue
+        growth = peaks[-1][1] / peaks[0][1]
+        anon_growth = peaks[-1][2] / peaks[0][2]
+        detail = ", ".join(f"{s}: {p:.0f} MB" for s, p, _ in peaks) + f" (×{growth:.2f}); anon: " + \
+            ", ".join(f"{s}: {a:.0f} MB" for s, _, a in peaks) + f" (×{anon_growth:.2f})"
+        out.append({"goal": f"{name}: peak RSS flat as sites grow (≤ ×1.25 from {peaks[0][0]} to {peaks[-1][0]} sites)",
+                    "result": "PASS" if growth <= 1.25 else "MISS", "detail": detail})
+    whole = record.get("whole")
+    if whole:
+        ours, theirs = whole["rows"]["fedtune aggregate"], whole["rows"]["flower way"]
+        out.append({"goal": f"whole `fedtune aggregate` not slower than the Flower way ({whole['sites']} updates, default config)",
+                    "result": "PASS" if ours["seconds"] <= theirs["seconds"] else "MISS",
+                    "detail": f"{ours['seconds']:.2f} s vs {theirs['seconds']:.2f} s"})
+        off = whole["rows"]["fedtune aggregate (report_error off)"]
+        out.append({"goal": "  same, with aggregation.report_error: false",
+                    "result": "PASS" if off["seconds"] <= theirs["seconds"] else "MISS",
+                    "detail": f"{off['seconds']:.2f} s vs {theirs['seconds']:.2f} s"})
+    return out
+
+
+def print_table(record: dict, args) -> None:
+    rows = {(r["contender"], r["sites"]): r for r in record["rows"]}
+    print(f"\n{record['preset']}: {record['update_bytes'] / 1e6:.1f} MB of float32 per update; {record['cpu']}; "
+          f"median of up to {args.repeat} runs; files in the page cache")
+    header = f"{'contender':<20} {'sites':>5} {'wall s':>9} {'GB/s':>7} {'peak RSS MB':>12} {'anon MB':>8}  speed ratio (peer s / fedtune s)"
+    print(header)
+    print("-" * len(header))
+    for row in record["rows"]:
+        name, sites = row["contender"], row["sites"]
+        if "seconds" not in row:
+            print(f"{name:<20} {sites:>5}  {'skipped: ' + row['skipped'] if 'skipped' in row else 'FAILED'}")
+            continue
+        ratios = []
+        for peer in PEERS.get(name, []):
+            other = rows.get((peer, sites))
+            if other and "seconds" in other:
+                ratios.append(f"×{other['seconds'] / row['seconds']:.2f} vs {peer}")
+        est = " est." if "scaled_from" in row else ""
+        print(f"{name:<20} {sites:>5} {row['seconds']:>9.3f} {row['gb_per_s']:>7.2f} {row['peak_rss_mb']:>12.0f} "
+              f"{row['anon_peak_mb']:>8.0f}  {', '.join(ratios)}{est}")
+    for row in record["rows"]:
+        if "scaled_from" in row:
+            print(f"  est.: {row['contender']} at {row['sites']} sites timed on {row['scaled_from']} and scaled "
+                  f"(a dense SVD per module; all of them would take {row['seconds'] / 60:.0f} min)")
+    whole = record.get("whole")
+    if whole:
+        print(f"\nwhole process, {whole['preset']}: {whole['sites']} updates of {whole['update_bytes'] / 1e6:.1f} MB "
+              f"(median of {args.whole_repeat} interleaved runs, imports and writing included)")
+        flower = whole["rows"]["flower way"]["seconds"]
+        for name, row in whole["rows"].items():
+            ratio = f"×{flower / row['seconds']:.2f}" if name != "flower way" else ""
+            print(f"  {name:<38} {row['seconds']:>7.2f} s {row['gb_per_s']:>6.2f} GB/s   peak RSS {row['peak_rss_mb']:>6.0f} MB  {ratio}")
+        print(f"  fedtune's v0001 vs the Flower way's output: max |diff| {whole['max_abs_diff_vs_flower']:.1e}")
+    print("\ngoals")
+    for goal in record["goals"]:
+        print(f"  {goal['result']:<8} {goal['goal']}: {goal['detail']}")
+
+
+if __name__ == "__main__":
+    main()

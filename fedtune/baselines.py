@@ -1,0 +1,152 @@
+"""Baselines beside a federation: what each site reaches on its own data alone (`local`) and what
+pooling every site's data in one place would reach (`central`) — the two ends a federation sits between.
+
+Both train from the federation's v0000 with the same training loop, settings and model loading as
+`train-local`, for the step budget the federation spends: `local` gets one site's (rounds × steps),
+`central` all honest sites' together (rounds × steps × sites). Both train A and B (plain LoRA) whatever
+the aggregation method, so every method is compared with the same two references.
+Each baseline is written as a folder `evaluate` and `PeftModel.from_pretrained` accept.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fedtune import models
+from fedtune.adapter import ADAPTER_FILE, lora_config, read_tensors, write_adapter
+from fedtune.artifacts import atomic_folder, write_json_atomic
+from fedtune.config import FederationConfig, TrainingSettings, parse_model
+from fedtune.data.prepare import read_prepared
+from fedtune.errors import BadInput
+from fedtune.evaluate import evaluate
+from fedtune.federation import global_manifest
+from fedtune.registry import read_version_manifest
+from fedtune.train import train_loop
+
+BASELINES = ("local", "central")
+
+
+def parse_baselines(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """"local,central" or a list of names → the known names in order, each once; BadInput otherwise."""
+    if not value:
+        return ()
+    items = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p).strip() for p in value]
+    items = [p for p in items if p]
+    unknown = [p for p in items if p not in BASELINES]
+    if unknown:
+        raise BadInput(f"--baselines: unknown baseline '{unknown[0]}'; choose from {', '.join(BASELINES)} (comma-separated)")
+    return tuple(dict.fromkeys(items))
+
+
+def train_baseline(
+    config: FederationConfig,
+    data: list[Path],
+    start: Path,
+    steps: int,
+    out: Path,
+    name: str,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Path:
+    """Train one adapter from the version `start` on the pooled train splits of `data`.
+
+    Args:
+        config: the federation (LoRA shape, training settings, seed).
+        data: prepared site folders whose train splits are pooled.
+        start: the global version folder to start from (v0000 for a fair comparison).
+        steps: optimizer steps.
+        out: the adapter folder to write (must not exist).
+        name: the adapter's name, recorded as its manifest's version and used to seed it.
+        log: receives progress lines.
+
+    Returns:
+        `out`, holding adapter_model.safetensors, adapter_config.json and manifest.json.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    if out.exists():
+        raise BadInput(f"{out}: already exists; baselines go into an empty folder")
+    if not data:
+        raise BadInput(f"baseline {name}: no prepared data to train on")
+    parent = read_version_manifest(start)
+    if parent["base_model"]["sha256"] != config.base_model.sha256:
+        raise BadInput(f"{start}: built on another base model than the federation's")
+    parts = [read_prepared(Path(folder), config, "train") for folder in data]
+    ids = np.concatenate([p[1] for p in parts])
+    labels = np.concatenate([p[2] for p in parts])
+    settings = parse_model(TrainingSettings, {**config.training.model_dump(), "steps": steps}, f"baseline {name}")
+
+    # Seeded by name so every baseline draws its own batches, yet a rerun is identical.
+    seed = config.seed + zlib.crc32(name.encode()) % 100_000
+    torch.manual_seed(seed)
+    model = get_peft_model(models.load_base_model(config.base_model.id), lora_config(config))
+    loaded = set_peft_model_state_dict(model, read_tensors(start / ADAPTER_FILE))
+    if loaded.unexpected_keys:
+        raise BadInput(f"{start / ADAPTER_FILE}: keys do not fit the base model ({loaded.unexpected_keys[:2]})")
+    for param_name, param in model.named_parameters():
+        param.requires_grad = "lora_A" in param_name or "lora_B" in param_name
+
+    def progress(step: int, loss: float) -> None:
+        if step == 1 or step % 10 == 0 or step == steps:
+            log(f"baseline {name}: step {step}/{steps} loss {loss:.4f}")
+
+    result = train_loop(model, ids, labels, settings, seed, log=progress)
+    tensors = {k: v.detach().float().cpu().contiguous()
+               for k, v in get_peft_model_state_dict(result.model, save_embedding_layers=False).items()}
+    with atomic_folder(out) as tmp:
+        sha = write_adapter(tmp, tensors, config)
+        manifest = global_manifest(
+            config, parent["round"], sha, version=name, parent=parent["version"], method="baseline",
+            params={"sites": [p[0]["site"] for p in parts], "steps": steps}, contributors=[], rejected=[],
+            baseline={"sites": [p[0]["site"] for p in parts], "num_examples": int(len(ids)),
+                      "train": {"steps": steps, "lr": settings.lr, "batch_size": settings.batch_size,
+                                "loss_first": result.losses[0], "loss_last": result.losses[-1],
+                                "seconds": round(result.seconds, 3)}},
+        )
+        write_json_atomic(tmp / "manifest.json", manifest)
+    return out
+
+
+def run_baselines(
+    config: FederationConfig,
+    honest: dict[str, Path],
+    eval_data: list[Path],
+    start: Path,
+    out: Path,
+    kinds: tuple[str, ...],
+    steps_per_site: int,
+    base_model=None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> dict[str, dict[str, float]]:
+    """Train and evaluate the baselines `kinds` into out/local/<site>/ and out/central/.
+
+    Args:
+        honest: site → prepared folder of the sites that train (attackers left out).
+        eval_data: the prepared folders `central` is evaluated on (every site).
+        start: the version every baseline starts from (v0000).
+        steps_per_site: the steps one site spends in the federation (rounds × steps).
+        base_model: a loaded base model to evaluate with (reused, left as it was).
+
+    Returns:
+        {"local": {site: eval loss on its own split}, "central": {site: eval loss}}, for the kinds asked.
+    """
+    results: dict[str, dict[str, float]] = {}
+    if base_model is None:
+        base_model = models.load_base_model(config.base_model.id)
+    if "local" in kinds:
+        results["local"] = {}
+        for site, folder in honest.items():
+            adapter = train_baseline(config, [folder], start, steps_per_site, out / "local" / site, f"local-{site}", log)
+            results["local"][site] = evaluate(config, adapter, [folder], base_model=base_model)["sites"][site]["loss"]
+            log(f"eval local-{site}: {site} {results['local'][site]:.4f}")
+    if "central" in kinds:
+        steps = steps_per_site * len(honest)
+        adapter = train_baseline(config, list(honest.values()), start, steps, out / "central", "central", log)
+        scores = evaluate(config, adapter, eval_data, base_model=base_model)
+        results["central"] = {s: m["loss"] for s, m in scores["sites"].items()}
+        log("eval central: " + ", ".join(f"{s} {v:.4f}" for s, v in results["central"].items()))
+    return results
