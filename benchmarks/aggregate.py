@@ -486,11 +486,36 @@ def flower_process(round_dir: Path, parent_file: Path, out_file: Path) -> None:
     save_file({k: parent[k] + delta for k, delta in zip(keys, merged)}, str(out_file))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (VmHWM). ru_maxrss of RUSAGE_SELF is the same number
+    except that Linux carries the parent's peak across fork + exec into it, so a big parent would
+    leak into every child's figure; the parent here stays small either way."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(task: dict) -> dict:
     import resource
 
-    result = {"engine": child_engine, "flower": child_flower, "peft": child_peft}[task["kind"]](task)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kind = task["kind"]
+    if kind == "build":
+        layout = Layout(Path(task["work"]), task["preset"])
+        for sites in task["sites"]:
+            build_round(layout, task["preset"], sites, lambda *a: print(*a, file=sys.stderr, flush=True))
+        return {}
+    if kind == "compare":
+        return {"max_abs_diff": whole_agreement(Path(task["ours"]), Path(task["theirs"]))}
+    result = {"engine": child_engine, "flower": child_flower, "peft": child_peft}[kind](task)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
 
 
@@ -508,11 +533,11 @@ def run_process(cmd: list[str], log_file: Path, env: dict) -> tuple[float, float
 # --------------------------------------------------------------------------------------- main
 
 
-def run_child(task: dict, env: dict) -> dict:
+def run_child(task: dict, env: dict, show_stderr: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(task)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE, text=True, env=env)
     if done.returncode != 0:
-        return {"failed": done.stderr[-2000:]}
+        return {"failed": (done.stderr or "")[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -587,9 +612,11 @@ def main() -> None:
     if rows and site_counts:
         disk_check(layout, spec, site_counts[-1], "--sites")
         say(f"building round 1 with {site_counts[-1]} updates under {layout.root} (reused when cached)")
-        build_round(layout, args.preset, site_counts[-1], say)
+        built = run_child({"kind": "build", "preset": args.preset, "sites": site_counts, "work": str(args.work)}, env,
+                          show_stderr=not args.json)
+        if "failed" in built:
+            sys.exit("building the rounds failed")
         for sites in site_counts:
-            build_round(layout, args.preset, sites, say)
             warm(layout.update_files(sites) + [layout.registry / "v0000" / ADAPTER])
             total = cached_bytes(layout, sites)
             for name in rows:
@@ -662,19 +689,23 @@ def whole_process(args, env: dict, say) -> dict:
     disk_check(layout, spec, sites, "--whole-sites")
     say(f"whole process: {args.whole_preset}, {len(lora_keys(spec)) // 2} LoRA modules, r {spec['r']}, "
         f"{per_update:,} bytes ({per_update / 1e6:.1f} MB) per update, {sites} updates")
-    build_round(layout, args.whole_preset, sites, say)
+    built = run_child({"kind": "build", "preset": args.whole_preset, "sites": [sites], "work": str(args.work)}, env,
+                      show_stderr=not args.json)
+    if "failed" in built:
+        sys.exit("building the round failed")
     round_dir = layout.round_dir(sites)
     total = cached_bytes(layout, sites)
     flower_out = layout.root / "flower-out" / ADAPTER
     fedtune_cli = Path(sys.executable).parent / "fedtune"
     fedtune_cmd = [str(fedtune_cli)] if fedtune_cli.is_file() else [sys.executable, "-m", "fedtune.cli"]
+    # The default config runs last, so its v0001 is there afterwards to compare with the Flower way's output.
     commands = {
-        "fedtune aggregate": fedtune_cmd + ["aggregate", "--config", str(layout.config), "--registry", str(layout.registry),
-                                            "--updates", str(round_dir)],
-        "fedtune aggregate (report_error off)": fedtune_cmd + [
-            "aggregate", "--config", str(layout.config_noerror), "--registry", str(layout.registry), "--updates", str(round_dir)],
         "flower way": [sys.executable, __file__, "--flower-process", str(round_dir),
                        str(layout.registry / "v0000" / ADAPTER), str(flower_out)],
+        "fedtune aggregate (report_error off)": fedtune_cmd + [
+            "aggregate", "--config", str(layout.config_noerror), "--registry", str(layout.registry), "--updates", str(round_dir)],
+        "fedtune aggregate": fedtune_cmd + ["aggregate", "--config", str(layout.config), "--registry", str(layout.registry),
+                                            "--updates", str(round_dir)],
     }
     runs = {name: [] for name in commands}
     logs = layout.root / "logs"
@@ -689,7 +720,8 @@ def whole_process(args, env: dict, say) -> dict:
             runs[name].append({"seconds": wall, "peak_rss_mb": rss})
             say(f"  {name:<38} run {attempt + 1}: {wall:6.2f} s   peak RSS {rss:6.0f} MB")
     # The fedtune output (last run of the default config) against the Flower way's.
-    diff = whole_agreement(layout.registry / "v0001" / ADAPTER, flower_out)
+    diff = run_child({"kind": "compare", "ours": str(layout.registry / "v0001" / ADAPTER), "theirs": str(flower_out)},
+                     env).get("max_abs_diff", float("nan"))
     say(f"  check fedtune v0001 vs the Flower way's output: max |diff| {diff:.2e}")
     reset_registry(layout)
     result = {"preset": args.whole_preset, "sites": sites, "update_bytes": per_update, "update_bytes_total": total,
