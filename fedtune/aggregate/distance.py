@@ -123,9 +123,9 @@ class GeoMedian(LinearMethod):
 
     def __post_init__(self) -> None:
         if not self.eps > 0:
-            raise BadInput(f"aggregation.eps: must be positive, got {self.eps}")
+            raise BadInput(f"geomedian: eps must be positive, got {self.eps}")
         if self.maxiter < 0:
-            raise BadInput(f"aggregation.maxiter: must be at least 0, got {self.maxiter}")
+            raise BadInput(f"geomedian: maxiter must be at least 0, got {self.maxiter}")
 
     def check(self, count: int) -> None:
         if count < 1:
@@ -162,9 +162,9 @@ class CenteredClip(LinearMethod):
 
     def __post_init__(self) -> None:
         if self.radius is not None and not self.radius > 0:
-            raise BadInput(f"aggregation.radius: must be positive, got {self.radius}")
+            raise BadInput(f"aggregation.clip_radius: must be positive, got {self.radius}")
         if self.iterations < 1:
-            raise BadInput(f"aggregation.iterations: must be at least 1, got {self.iterations}")
+            raise BadInput(f"aggregation.clip_iterations: must be at least 1, got {self.iterations}")
 
     def check(self, count: int) -> None:
         if count < 1:

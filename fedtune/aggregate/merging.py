@@ -63,12 +63,12 @@ def _check_density(density: float) -> None:
 
 def _check_sign_method(method: str) -> None:
     if method not in SIGN_METHODS:
-        raise BadInput(f"aggregation.majority_sign_method: must be one of {', '.join(SIGN_METHODS)}, got '{method}'")
+        raise BadInput(f"majority_sign_method: must be one of {', '.join(SIGN_METHODS)}, got '{method}'")
 
 
 def _check_seed(seed: int) -> None:
     if seed < 0:
-        raise BadInput(f"aggregation.seed: must be at least 0, got {seed}")
+        raise BadInput(f"seed: must be at least 0, got {seed}")
 
 
 def _generator(seed: int, key_index: int) -> torch.Generator:

@@ -284,14 +284,17 @@ def test_check_refuses_too_few_updates():
         lambda: Krum(byzantine=-1),
         lambda: MultiKrum(keep=0),
         lambda: GeoMedian(eps=0.0),
+        lambda: GeoMedian(maxiter=-1),
         lambda: CenteredClip(radius=0.0),
+        lambda: CenteredClip(iterations=0),
+        lambda: Dare(seed=-1),
         lambda: Ties(density=0.0),
         lambda: Dare(density=1.5),
         lambda: DareTies(majority_sign_method="mode"),
     ],
 )
 def test_bad_parameters_are_refused(build):
-    with pytest.raises(BadInput, match=r"^aggregation\.\w+: "):
+    with pytest.raises(BadInput, match=r"^(aggregation\.\w+|geomedian|majority_sign_method|seed): "):
         build()
 
 
