@@ -8,7 +8,6 @@ output adapter — never every update at once.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -203,10 +202,8 @@ def merge_updates(
     optimizer = ServerOptimizer.from_settings(settings)
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
     rank = config.lora.r
-    with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(u.folder / ADAPTER_FILE), framework="pt")) for u in valid]
-        base = stack.enter_context(safe_open(str(parent_dir / ADAPTER_FILE), framework="pt"))
-        reader = RoundReader(handles, [u.keys for u in valid], scale, rank)
+    reader = RoundReader([u.folder / ADAPTER_FILE for u in valid], [u.keys for u in valid], scale, rank)
+    with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as base:
         if isinstance(rule, LoraMethod):
             out_rank = rule.output_rank(rank, [u.rank for u in valid])
             merged, errors = _merge_products(rule, reader, base, layout, valid, weights, config, out_rank)
@@ -225,30 +222,22 @@ def merge_updates(
 
 def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, optimizer, state, rank) -> dict:
     """Averaging and coordinate-wise rules: new = parent (at the federation's rank) + step(merged delta)."""
-    coefficients = None
+    weights_t = torch.from_numpy(weights)
+    sums = None
     if isinstance(rule, LinearMethod):
         gram = reader.gram(layout) if rule.needs_gram else None
+        reader.release()
         coefficients = rule.coefficients(weights, gram) * reader.scale
-    weights_t = torch.from_numpy(weights)
+        shapes = {key: tuple(rank_slice(torch.empty(layout[key][0], device="meta"), key, rank).shape) for key in layout}
+        sums = reader.weighted_sum(coefficients, shapes)
     merged = {}
     for index, key in enumerate(layout):
         parent_tensor = rank_slice(base.get_tensor(key), key, rank)
-        shape = tuple(parent_tensor.shape)
-        if coefficients is not None:
-            delta = None
-            for site, coefficient in enumerate(coefficients):
-                if coefficient == 0:
-                    continue
-                tensor = reader.delta(site, key, scaled=False)
-                if tensor is None:
-                    continue
-                # The first product is a new tensor: a tensor from get_tensor may share the file's mapping.
-                delta = tensor * float(coefficient) if delta is None else delta.add_(tensor, alpha=float(coefficient))
-            if delta is None:
-                delta = torch.zeros(shape, dtype=torch.float32)
+        if sums is not None:
+            delta = sums.pop(key)
         else:
             assert isinstance(rule, CoordinateMethod)
-            delta = rule.combine(reader.stacked(key, shape), weights_t, index)
+            delta = rule.combine(reader.stacked(key, tuple(parent_tensor.shape)), weights_t, index)
         step = optimizer.step(key, delta, state)
         merged[key] = (parent_tensor.to(torch.float32) + step).to(parent_tensor.dtype)
     return merged

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight$")
 
@@ -62,23 +64,48 @@ def pad_rank(tensor: torch.Tensor, key: str, rank: int) -> torch.Tensor:
 
 
 class RoundReader:
-    """The valid updates of a round behind open safe_open handles.
+    """The valid updates of a round, read through memory-mapped safe_open handles.
+
+    A mapped page a tensor was read from stays in the process's resident set until the file is
+    unmapped, so reading key by key across every site would let the resident set grow to the whole
+    round. The reader therefore drops its handles (unmapping the files) whenever `budget` bytes have
+    been read since the last time: resident memory stays bounded whatever the number of sites.
 
     Args:
-        handles: one open safe_open handle per site, in the round's order.
+        paths: one update file per site, in the round's order.
         keys_sent: the keys each site sent (B only for FFA sites).
         scale: per-site factor applied to every delta (norm clipping; 1 when off).
         rank: the federation's rank, to which smaller factors are padded.
+        budget: bytes read between two releases of the mappings.
     """
 
-    def __init__(self, handles, keys_sent: list[set[str]], scale: np.ndarray, rank: int):
-        self.handles = handles
+    def __init__(self, paths: list[Path], keys_sent: list[set[str]], scale: np.ndarray, rank: int,
+                 budget: int = 256 << 20):
+        self.paths = paths
         self.keys_sent = keys_sent
         self.scale = scale
         self.rank = rank
+        self.budget = budget
+        self._handles: list = [None] * len(paths)
+        self._read = 0
 
     def __len__(self) -> int:
-        return len(self.handles)
+        return len(self.paths)
+
+    def release(self) -> None:
+        """Unmap every file (tensors already read keep their own reference to their pages)."""
+        self._handles = [None] * len(self.paths)
+        self._read = 0
+
+    def _get(self, site: int, key: str) -> torch.Tensor:
+        if self._read >= self.budget:
+            self.release()
+        handle = self._handles[site]
+        if handle is None:
+            handle = self._handles[site] = safe_open(str(self.paths[site]), framework="pt")
+        tensor = handle.get_tensor(key)
+        self._read += tensor.nbytes
+        return tensor
 
     def delta(self, site: int, key: str, padded: bool = True, scaled: bool = True) -> torch.Tensor | None:
         """Site `site`'s delta for `key` as float32, or None where it is zero.
@@ -87,12 +114,36 @@ class RoundReader:
         """
         if key not in self.keys_sent[site]:
             return None
-        tensor = self.handles[site].get_tensor(key)
+        tensor = self._get(site, key)
         if tensor.dtype != torch.float32:
             tensor = tensor.to(torch.float32)
         if scaled and self.scale[site] != 1.0:
             tensor = tensor * float(self.scale[site])  # not in place: the tensor may share the file's mapping
         return pad_rank(tensor, key, self.rank) if padded else tensor
+
+    def weighted_sum(self, coefficients: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Σ_k c_k δ_k for every key, reading one site's file at a time from start to end.
+
+        Site by site rather than key by key: only one file is mapped at once, and it is read in
+        order. Memory holds the sums (one adapter) plus one mapped update.
+        """
+        sums: dict[str, torch.Tensor] = {}
+        for site, coefficient in enumerate(coefficients):
+            if coefficient == 0:
+                continue
+            with safe_open(str(self.paths[site]), framework="pt") as handle:
+                for key in shapes:
+                    if key not in self.keys_sent[site]:
+                        continue
+                    tensor = pad_rank(handle.get_tensor(key).to(torch.float32), key, self.rank)
+                    if key in sums:
+                        sums[key].add_(tensor, alpha=float(coefficient))
+                    else:  # a new tensor: the one read may share the file's mapping
+                        sums[key] = tensor * float(coefficient)
+        for key, shape in shapes.items():
+            if key not in sums:
+                sums[key] = torch.zeros(shape, dtype=torch.float32)
+        return sums
 
     def stacked(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         """[K, *shape] float32: every site's delta for one key."""
