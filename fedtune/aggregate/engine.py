@@ -8,8 +8,10 @@ output adapter — never every update at once.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -46,16 +48,22 @@ class RoundResult:
 
 
 def _collect(round_dir: Path, config, parent, layout, max_bytes, b_only: bool) -> tuple[list[Update], list[dict]]:
-    valid, rejected = [], []
-    for folder in sorted(p for p in round_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    def check(folder: Path) -> Update | dict:
         try:
             update = check_update(folder, config, parent, layout, max_bytes)
             if b_only and update.trained != "B":
                 raise Rejected("trained A as well, but ffa needs A frozen: set aggregation.method: ffa "
                                "in federation.yaml before the sites train")
-            valid.append(update)
+            return update
         except Rejected as why:
-            rejected.append({"site": folder.name, "reason": str(why)})
+            return {"site": folder.name, "reason": str(why)}
+
+    folders = sorted(p for p in round_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Hashing and the finiteness pass release the GIL, so the updates are checked on every core.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(folders), os.cpu_count() or 1))) as pool:
+        checked = list(pool.map(check, folders))
+    valid = [c for c in checked if isinstance(c, Update)]
+    rejected = [c for c in checked if not isinstance(c, Update)]
     # Two updates claiming one site cannot both count, and picking one would be arbitrary.
     claims = Counter(u.site for u in valid)
     for update in [u for u in valid if claims[u.site] > 1]:
