@@ -102,7 +102,7 @@ def train_baseline(
         manifest = global_manifest(
             config, parent["round"], sha, version=name, parent=parent["version"], method="baseline",
             params={"sites": [p[0]["site"] for p in parts], "steps": steps}, contributors=[], rejected=[],
-            baseline={"sites": [p[0]["site"] for p in parts], "num_examples": int(len(ids)),
+            baseline={"sites": [p[0]["site"] for p in parts], "num_examples": len(ids),
                       "train": {"steps": steps, "lr": settings.lr, "batch_size": settings.batch_size,
                                 "loss_first": result.losses[0], "loss_last": result.losses[-1],
                                 "seconds": round(result.seconds, 3)}},

@@ -149,7 +149,7 @@ def forge_update(folder: Path, attack: Attack) -> Path:
             delta = torch.randn(delta.shape, generator=generator) * (attack.factor * std)
         forged[key] = delta.to(tensors[key].dtype).contiguous()
     if attack.kind == "nan":
-        first = sorted(forged)[0]
+        first = min(forged)
         forged[first] = forged[first].clone()
         forged[first].view(-1)[0] = math.nan
     write_bytes_atomic(folder / ADAPTER_FILE, save(forged, metadata={"format": "pt"}))
