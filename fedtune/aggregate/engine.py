@@ -165,12 +165,17 @@ def aggregate_round(
 
     weights = site_weights([u.num_examples for u in valid], rule.weighted, settings.max_weight)
     scale = clip_factors([u.norm for u in valid], settings.clip_norm)
-    merged, state, errors, out_rank = merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale)
+    record: dict = {}
+    merged, state, errors, out_rank = merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale,
+                                                    record=record)
+    # The rules that pick or re-weight whole updates (krum, geomedian, centered-clip) say what they chose.
+    coefficients = record.get("coefficients")
 
     contributors = [
         {"site": u.site, "update_sha256": u.sha256, "weight": round(float(w), 8), "num_examples": u.num_examples,
-         "rank": u.rank, "norm": round(u.norm, 6), **({"clip_scale": round(float(c), 6)} if c < 1 else {})}
-        for u, w, c in zip(valid, weights, scale)
+         "rank": u.rank, "norm": round(u.norm, 6), **({"clip_scale": round(float(c), 6)} if c < 1 else {}),
+         **({"coefficient": round(float(coefficients[i]), 8)} if coefficients is not None else {})}
+        for i, (u, w, c) in enumerate(zip(valid, weights, scale))
     ]
     params = {**rule.params(), "clip_norm": settings.clip_norm, "max_weight": settings.max_weight, **optimizer.params()}
     error_summary = _summarize(errors)
@@ -204,9 +209,13 @@ def merge_updates(
     settings: AggregationSettings,
     weights: np.ndarray,
     scale: np.ndarray,
+    record: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float] | None, int]:
     """The streaming merge of validated updates: (new adapter tensors, server state, per-layer
-    reconstruction errors or None, the new version's rank)."""
+    reconstruction errors or None, the new version's rank).
+
+    `record`, when given, receives "coefficients": the weight each update finally had in the merged
+    delta (clipping included), for the rules that merge whole updates linearly."""
     optimizer = ServerOptimizer.from_settings(settings)
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
     rank = config.lora.r
@@ -217,7 +226,7 @@ def merge_updates(
             merged, errors = _merge_products(rule, reader, base, layout, valid, weights, config, out_rank)
             return merged, {}, errors, out_rank
         state = _server_state(parent_dir, parent, optimizer)
-        merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank)
+        merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank, record)
         errors = None
         if isinstance(rule, FedAvg) and optimizer.plain:
             cost = _averaging_error_cost(layout, valid, rank)
@@ -228,7 +237,7 @@ def merge_updates(
         return merged, state, errors, rank
 
 
-def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, optimizer, state, rank) -> dict:
+def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, optimizer, state, rank, record=None) -> dict:
     """Averaging and coordinate-wise rules: new = parent (at the federation's rank) + step(merged delta)."""
     weights_t = torch.from_numpy(weights)
     sums = None
@@ -236,6 +245,8 @@ def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, opt
         gram = reader.gram(layout) if rule.needs_gram else None
         reader.release()
         coefficients = rule.coefficients(weights, gram) * reader.scale
+        if record is not None:
+            record["coefficients"] = coefficients
         shapes = {key: tuple(rank_slice(torch.empty(layout[key][0], device="meta"), key, rank).shape) for key in layout}
         sums = reader.weighted_sum(coefficients, shapes)
     merged = {}

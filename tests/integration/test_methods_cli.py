@@ -163,3 +163,11 @@ def test_help_lists_every_method_with_one_line(capsys):
     assert code == 0
     for name in METHODS:
         assert f"{name}:" in out
+
+
+def test_krum_manifest_says_which_update_it_chose(world, capsys):
+    summary, _ = _aggregate_cli(world, capsys, "--method", "krum", "--byzantine", "1")
+    coefficients = {c["site"]: c["coefficient"] for c in summary["contributors"]}
+    assert sorted(coefficients.values()) == [0, 0, 0, 0, 1]
+    by_site = {c["site"]: c for c in fedkit.read_manifest(world.registry / "v0001")["contributors"]}
+    assert {s: c["coefficient"] for s, c in by_site.items()} == coefficients
