@@ -1,22 +1,27 @@
 """Federation quality: how close each aggregation method gets to pooling the data, and what attackers do.
 
-    python benchmarks/federation_quality.py                  # embedded SmolLM2-135M, CPU, ~35 min on 2 cores
-    python benchmarks/federation_quality.py --save benchmarks/results/federation_quality_cpu.json
-    python benchmarks/federation_quality.py --model PATH --steps 2 --attack-rounds 1   # a tiny model: checks the script
+    python benchmarks/federation_quality.py --save benchmarks/results/federation_quality_cpu.json   # ~30 min, 2 cores
+    python benchmarks/federation_quality.py --report benchmarks/results/federation_quality_cpu.json # reprint a record
+    python benchmarks/federation_quality.py --model PATH --steps 2 --rounds 2   # a tiny model: checks the script
 
 Table 1 (recipes/non-iid, five sites, five domains): eval loss per site and mean for the base model,
 local-only adapters (each site alone, on its own eval split), a centralized adapter (all data pooled,
 same total steps) and the global version after the last round of fedavg, svd, ffa and stack, with the
-share of the local→central gap on mean loss each method closes.
+share of the local→central gap on mean loss each method closes (n/a when centralized is not better
+than local-only: there is no gap to close).
 
-Table 2 (attackers, sign-flip × 10): 1 of 5 sites (the recipe's roster) and 2 of 7 (clinic and bank
-each split across two sites; one half of each attacks), eval loss averaged over the honest sites for
-fedavg, trimmed-mean, median and krum beside the clean run (fedavg, every site honest).
+Table 2 (attackers, sign-flip × 20; × 10 left fedavg within 10 % of clean in the 2-of-7 setting):
+1 of 5 sites (the recipe's roster) and 2 of 7 (clinic and bank each split across two sites; one half
+of each attacks), eval loss averaged over the honest sites for fedavg, trimmed-mean, median and krum
+beside the clean run (fedavg, every site honest, the attackers' honest updates included).
 
 Everything runs through fedtune's stage functions (init_federation, prepare_site, train_local,
 aggregate_round, evaluate) and the attack forging of `fedtune simulate`. To fit 2 CPU cores: each site
 is prepared once per roster; round-1 updates start from the same v0000, so they are trained once and
-aggregated by every rule (ffa, which trains B only, gets its own); only later rounds are per method.
+aggregated by every rule (ffa, which trains B only, gets its own; the 7-site roster copies the
+unsplit sites' from the 5-site one); only later rounds are per method. Training is seeded, so a rerun
+gives the same numbers; with --work a rerun reuses the finished runs it finds (e.g. to try another
+--attack without retraining Table 1).
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("fedavg", "svd", "ffa", "stack")
+METHODS = ("fedavg", "svd", "ffa", "stack", "fedavg-server-lr")
 EXACT = ("svd", "stack", "ffa")
-ROBUST = ("trimmed-mean", "median", "krum")
+ROBUST = ("trimmed-mean", "median", "krum", "multi-krum")
 STARTED = time.perf_counter()
+REUSED: list[str] = []  # rosters an earlier run left in --work (their finished runs are not trained again)
 
 
 def log(message: str) -> None:
@@ -51,12 +57,28 @@ class Roster:
         from fedtune.federation import init_federation
 
         self.folder = folder
-        self.config = init_federation(folder, list(inputs), model, plan)
-        self.prepared = {}
-        for site, paths in inputs.items():
-            self.prepared[site] = folder / "prepared" / site
-            prepare_site(self.config, site, paths, self.prepared[site])
         self.registry = folder / "registry"
+        self.prepared = {site: folder / "prepared" / site for site in inputs}
+        if (folder / "federation.yaml").is_file() and all((p / "data_card.json").is_file() for p in self.prepared.values()):
+            self.config = self._reopen(folder, inputs, plan)
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # a run interrupted during setup starts this roster afresh
+        self.config = init_federation(folder, list(inputs), model, plan)
+        for site, paths in inputs.items():
+            prepare_site(self.config, site, paths, self.prepared[site])
+
+    @staticmethod
+    def _reopen(folder: Path, inputs: dict, plan: dict):
+        """The federation an earlier run left in --work, if it was made with the same settings."""
+        from fedtune.config import TrainingPlan, load_federation
+
+        config = load_federation(folder / "federation.yaml")
+        same = config.model_dump(include=set(TrainingPlan.model_fields)) == {k: v for k, v in plan.items() if k != "name"}
+        if not same or config.site_names() != list(inputs):
+            sys.exit(f"error: {folder}: holds a federation with other settings or sites; give another --work folder")
+        REUSED.append(folder.name)
+        log(f"{folder.name}: reusing the federation and prepared data left in {folder}")
+        return config
 
     def with_method(self, method: str):
         """The federation with another aggregation method (ffa: train-local then freezes A)."""
@@ -82,6 +104,9 @@ class Roster:
 
         config = config or self.config
         updates = self.folder / "shared" / name
+        if (updates / "round-0001").is_dir() and {p.name for p in (updates / "round-0001").iterdir()} == set(self.prepared):
+            return updates / "round-0001"  # left by an earlier run in --work
+        shutil.rmtree(updates, ignore_errors=True)
         same_start = reuse is not None and _v0000_sha(reuse.registry) == _v0000_sha(self.registry)
         for site, data in self.prepared.items():
             earlier = reuse.folder / "shared" / name / "round-0001" / site if same_start else None
@@ -105,6 +130,10 @@ def run(roster: Roster, name: str, rounds: int, first: Path, config=None, attack
     from fedtune.simulate import forge_update, train_round
 
     config = config or roster.config
+    done = roster.folder / "runs" / name / "registry"
+    if (done / f"v{rounds:04d}").is_dir():  # left by an earlier run in --work with the same settings
+        return [done / f"v{n:04d}" for n in range(1, rounds + 1)]
+    shutil.rmtree(roster.folder / "runs" / name, ignore_errors=True)
     registry, updates = roster.fork(name)
     versions = []
     for number in range(1, rounds + 1):
@@ -155,16 +184,29 @@ def quality_study(roster: Roster, rounds: int, steps: int, base_model) -> tuple[
 
     sites = list(roster.prepared)
     table = {"base": losses(roster, "base", sites, base_model)}
-    log("baselines: local-only per site and centralized, from v0000")
-    table.update(run_baselines(roster.config, roster.prepared, list(roster.prepared.values()), roster.registry / "v0000",
-                               roster.folder / "baselines", ("local", "central"), steps_per_site=rounds * steps,
-                               base_model=base_model, log=log))
+    baselines = roster.folder / "baselines"
+    if (baselines / "central" / "manifest.json").is_file():  # written last, so every local one is there too
+        log("baselines: reusing the adapters left in --work")
+        table["central"] = losses(roster, baselines / "central", sites, base_model)
+    else:
+        shutil.rmtree(baselines, ignore_errors=True)
+        log("baselines: local-only per site and centralized, from v0000")
+        table.update(run_baselines(roster.config, roster.prepared, list(roster.prepared.values()), roster.registry / "v0000",
+                                   baselines, ("local", "central"), steps_per_site=rounds * steps,
+                                   base_model=base_model, log=log))
+    # Every local-only adapter on every site: what one site alone reaches on the federation's task.
+    on_all = {owner: losses(roster, baselines / "local" / owner, sites, base_model) for owner in sites}
+    table["local"] = {s: on_all[s][s] for s in sites}
+    table["local-all"] = {s: mean(on_all[owner][s] for owner in sites) for s in sites}
     shared = roster.first_round("round1-AB")
     versions = {}
     for method in METHODS:
-        config = roster.with_method(method)
+        # fedavg-server-lr: FedOpt with η = K, i.e. the sum of the sites' deltas each round, so a round
+        # moves as far as the K × steps a centralized run takes in the same time.
+        extra = {"server_lr": float(len(sites))} if method == "fedavg-server-lr" else {}
+        config = roster.with_method("fedavg" if extra else method)
         first = roster.first_round("round1-B", config) if method == "ffa" else shared
-        versions[method] = run(roster, method, rounds, first, config=config)
+        versions[method] = run(roster, method, rounds, first, config=config, **extra)
         table[method] = losses(roster, versions[method][-1], sites, base_model)
         log(f"{method}: mean eval loss {mean(table[method].values()):.4f}")
     return table, versions
@@ -179,37 +221,50 @@ def attack_study(roster: Roster, attackers: tuple[str, ...], rounds: int, attack
     if clean is None:
         clean = run(roster, "clean", rounds, shared)[-1]
     row = {"clean": mean(losses(roster, clean, honest, base_model).values())}
+    # The trim must cover the attackers: the smallest multiple of 0.1 with ⌊β·n⌋ ≥ f.
+    trim = next(t / 10 for t in range(1, 5) if int(t / 10 * len(roster.prepared)) >= len(attackers))
     for rule in ("fedavg", *ROBUST):
-        settings = {"trim": 0.2} if rule == "trimmed-mean" else {"byzantine": len(attackers)} if rule == "krum" else {}
-        versions = run(roster, f"{rule}-attacked", rounds, shared, config=roster.with_method(rule), attacks=attacks, **settings)
+        settings = ({"trim": trim} if rule == "trimmed-mean" else {"byzantine": len(attackers)} if "krum" in rule else {})
+        tag = f"-trim{trim:g}" if rule == "trimmed-mean" else ""
+        versions = run(roster, f"{rule}{tag}-{attack.kind}-{attack.factor:g}", rounds, shared, config=roster.with_method(rule), attacks=attacks, **settings)
         row[rule] = mean(losses(roster, versions[-1], honest, base_model).values())
         log(f"{len(attackers)} of {len(roster.prepared)} attacking, {rule}: {row[rule]:.4f} (clean {row['clean']:.4f})")
-    return {"sites": len(roster.prepared), "attackers": list(attackers), "honest": honest, "loss": row}
+    return {"sites": len(roster.prepared), "attackers": list(attackers), "honest": honest, "trim": trim, "loss": row}
 
 
-def print_table1(table: dict, sites: list[str]) -> dict:
-    gap = lambda m: (table["local_mean"] - m) / (table["local_mean"] - table["central_mean"])  # noqa: E731
-    print("| model | " + " | ".join(sites) + " | mean | gap closed |")
-    print("|---|" + "---|" * (len(sites) + 2))
-    shares = {}
-    for name in ("base", "local", "central", *METHODS):
+def gap_closed(table: dict, sites: list[str], local_row: str = "local") -> dict[str, float | None]:
+    """Per method, (L_local − L_method)/(L_local − L_central) on mean eval loss; None for every method
+    when centralized training is not better than local-only (the gap is then not defined)."""
+    local, central = (mean(table[k][s] for s in sites) for k in (local_row, "central"))
+    return {m: (local - mean(table[m][s] for s in sites)) / (local - central) if local > central else None for m in METHODS}
+
+
+def print_table1(table: dict, sites: list[str], shares: dict, shares_all: dict) -> None:
+    print("| model | " + " | ".join(sites) + " | mean | gap closed (own site) | gap closed (every site) |")
+    print("|---|" + "---|" * (len(sites) + 3))
+
+    def cell(values, name):
+        return "" if name not in values else "n/a" if values[name] is None else f"{100 * values[name]:.1f} %"
+
+    for name in ("base", "local", "local-all", "central", *METHODS):
+        if name not in table:
+            continue
         row = table[name]
-        avg = mean(row[s] for s in sites)
-        share = "" if name in ("base", "local", "central") else f"{100 * gap(avg):.1f} %"
-        if share:
-            shares[name] = gap(avg)
-        label = {"local": "local-only (own site)", "central": "centralized (pooled)"}.get(name, name)
-        print(f"| {label} | " + " | ".join(f"{row[s]:.4f}" for s in sites) + f" | {avg:.4f} | {share} |")
-    return shares
+        label = {"local": "local-only (each site's adapter on its own split)",
+                 "local-all": "local-only (every site's adapter on every split)",
+                 "central": "centralized (pooled)", "fedavg-server-lr": f"fedavg, server lr {len(sites)} (FedOpt)"}.get(name, name)
+        print(f"| {label} | " + " | ".join(f"{row[s]:.4f}" for s in sites)
+              + f" | {mean(row[s] for s in sites):.4f} | {cell(shares, name)} | {cell(shares_all, name)} |")
 
 
 def print_table2(settings: list[dict]) -> None:
-    print("| setting | clean (fedavg, no attackers) | fedavg | trimmed-mean (0.2) | median | krum (f = attackers) |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | clean (fedavg, no attackers) | fedavg | trimmed-mean (β) | median | krum (f = attackers) | multi-krum (f, keep n−f) |")
+    print("|---|---|---|---|---|---|---|")
     for s in settings:
         row = s["loss"]
         cells = [f"{row['clean']:.4f}"] + [f"{row[r]:.4f} ({100 * (row[r] / row['clean'] - 1):+.1f} %)" for r in ("fedavg", *ROBUST)]
-        print(f"| {len(s['attackers'])} of {s['sites']} attacking ({', '.join(s['attackers'])}) | " + " | ".join(cells) + " |")
+        print(f"| {len(s['attackers'])} of {s['sites']} attacking ({', '.join(s['attackers'])}; β = {s.get('trim', 0.2):g}) | "
+              + " | ".join(cells) + " |")
 
 
 def goal(ok: bool, text: str) -> dict:
@@ -217,32 +272,65 @@ def goal(ok: bool, text: str) -> dict:
     return {"goal": text, "pass": bool(ok)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "non-iid")
-    parser.add_argument("--model", help="base model instead of the recipe's (a tiny one checks the script in seconds)")
-    parser.add_argument("--steps", type=int, help="steps per round instead of the recipe's")
-    parser.add_argument("--rounds", type=int, help="rounds of Table 1 instead of the recipe's")
-    parser.add_argument("--attack-rounds", type=int, default=2, help="rounds of the attack study (default 2, to fit the CPU budget)")
-    parser.add_argument("--attack", default="sign-flip:10", help="KIND:FACTOR every attacker uses (sign-flip, scale, noise)")
-    parser.add_argument("--work", type=Path, help="folder for the runs (default: a temporary folder, removed after)")
-    parser.add_argument("--save", type=Path, help="write the JSON record here")
-    args = parser.parse_args()
+def report(record: dict) -> dict:
+    """Print the header, both tables and the goals of a measured record; returns it with gap_closed and goals."""
+    sites, table1, steps, rounds = record["sites"], record["table1"], record["training"]["steps"], record["rounds"]
+    attack, attack_rounds = record["attack"], record["attack_rounds"]
+    print(f"# Federation quality — {record['model']}, {', '.join(sites)}; seq_len {record['seq_len']}, LoRA r "
+          f"{record['lora']['r']} on {','.join(record['lora']['target_modules'])}, {steps} steps × batch "
+          f"{record['training']['batch_size']} per round; {record['threads']} CPU threads")
+    print(f"# Table 1: {rounds} rounds. Table 2: {attack_rounds} round(s)"
+          + (f" — fewer than Table 1's {rounds} to fit the CPU budget" if attack_rounds < rounds else "")
+          + f"; attack {attack['kind']} × {attack['factor']:g}.")
+    if record.get("reused_from_work"):
+        print(f"# Reused from --work: the {' and '.join(record['reused_from_work'])}-site rosters' finished runs (same "
+              f"settings, deterministic); the time below covers this invocation only.")
+    shares = gap_closed(table1, sites)
+    shares_all = gap_closed(table1, sites, "local-all")
+    print(f"\n## Table 1 — non-IID, {len(sites)} sites, eval loss after {rounds} rounds "
+          f"(local-only: {rounds * steps} steps per site; centralized: {rounds * steps * len(sites)} steps)\n")
+    print_table1(table1, sites, shares, shares_all)
+    print(f"\n## Table 2 — attackers ({attack['kind']} × {attack['factor']:g}), mean eval loss of the honest sites after "
+          f"{attack_rounds} round(s); in brackets: change from the clean run\n")
+    print_table2(record["table2"])
+    print()
+    means = {m: mean(table1[m][s] for s in sites) for m in METHODS}
+    best_exact = min(EXACT, key=means.get)
+    goals = [goal(means[best_exact] <= means["fedavg"], f"an exact method at least as good as fedavg on mean eval loss "
+                                                        f"(best exact: {best_exact} {means[best_exact]:.4f}, fedavg {means['fedavg']:.4f})")]
+    if all(v is not None for v in shares_all.values()):
+        best = max(shares_all, key=shares_all.get)
+        goals.append(goal(shares_all[best] >= 0.9, f"the best method closes >= 90 % of the local-only -> centralized gap "
+                                                   f"on every site's eval split ({best}: {100 * shares_all[best]:.1f} %)"))
+    if all(v is None for v in shares.values()):
+        local, central = (mean(table1[k][s] for s in sites) for k in ("local", "central"))
+        goals.append(goal(False, f"the best method closes >= 90 % of the local-only -> centralized gap (no gap: "
+                                 f"centralized {central:.4f} is not below local-only {local:.4f}; best method "
+                                 f"{min(means, key=means.get)} {min(means.values()):.4f})"))
+    else:
+        best = max(shares, key=shares.get)
+        goals.append(goal(shares[best] >= 0.9, f"the best method closes >= 90 % of the local-only -> centralized gap "
+                                               f"({best}: {100 * shares[best]:.1f} %)"))
+    for s in record["table2"]:
+        row, label = s["loss"], f"{len(s['attackers'])} of {s['sites']}"
+        for rule in ROBUST:
+            goals.append(goal(row[rule] <= 1.05 * row["clean"], f"{label}: {rule} within 5 % of the clean run "
+                                                                 f"({100 * (row[rule] / row['clean'] - 1):+.1f} %)"))
+        goals.append(goal(row["fedavg"] >= 1.10 * row["clean"], f"{label}: fedavg hurt by >= 10 % "
+                                                                f"({100 * (row['fedavg'] / row['clean'] - 1):+.1f} %)"))
+    split = (f" (Table 1 {record['seconds_table1'] / 60:.1f} min, Table 2 {(record['seconds'] - record['seconds_table1']) / 60:.1f} min)"
+             if "seconds_table1" in record else "")
+    print(f"\ntotal {record['seconds'] / 60:.1f} min{split}")
+    return {**record, "gap_closed": shares, "gap_closed_every_site": shares_all, "goals": goals}
 
-    import os
 
-    import warnings
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for module in ("peft", "transformers", "accelerate", "torch"):  # library deprecation chatter, not results
-        warnings.filterwarnings("ignore", module=module)
+def measure(args) -> dict:
+    """Run both studies; returns the record of every loss measured (no summaries)."""
     import torch
-    from transformers.utils import logging as hf_logging
 
     from fedtune import models
     from fedtune.config import Attack, load_recipe
 
-    hf_logging.set_verbosity_error()
     recipe, recipe_dir = load_recipe(args.recipe)
     plan = recipe.plan()
     if args.steps:
@@ -255,66 +343,66 @@ def main() -> None:
     inputs = {s.name: [recipe_dir / p for p in s.inputs] for s in recipe.sites}
     work = args.work or Path(tempfile.mkdtemp(prefix="fedtune-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-
-    print(f"# Federation quality — {model}, {', '.join(inputs)}; seq_len {plan['seq_len']}, LoRA r {plan['lora']['r']} "
-          f"on {','.join(plan['lora']['target_modules'])}, {steps} steps × batch {plan['training']['batch_size']} per round; "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"# Table 1: {rounds} rounds. Table 2: {args.attack_rounds} round(s) (fewer than Table 1's {rounds} to fit "
-          f"the CPU budget), attack {attack.kind} × {attack.factor:g}." if args.attack_rounds < rounds else
-          f"# Table 2: {args.attack_rounds} rounds, attack {attack.kind} × {attack.factor:g}.")
+    log(f"work folder {work}; Table 1 {rounds} rounds, Table 2 {args.attack_rounds} round(s)")
 
     five = Roster(work / "five", inputs, model, plan)
     base_model = models.load_base_model(five.config.base_model.id)
     sites = list(five.prepared)
     table1, versions = quality_study(five, rounds, steps, base_model)
-    table1["local_mean"] = mean(table1["local"].values())
-    table1["central_mean"] = mean(table1["central"].values())
     seconds1 = time.perf_counter() - STARTED
 
     # 1 of 5: the recipe's roster. Its round-1 updates and its clean run are Table 1's fedavg run.
-    attacker5 = (sites[-1],)
     clean5 = versions["fedavg"][args.attack_rounds - 1] if args.attack_rounds <= rounds else None
-    setting5 = attack_study(five, attacker5, args.attack_rounds, attack, base_model,
+    setting5 = attack_study(five, (sites[-1],), args.attack_rounds, attack, base_model,
                             shared=five.folder / "shared" / "round1-AB" / "round-0001", clean=clean5)
     split = tuple(sites[:2])
     seven = Roster(work / "seven", split_inputs(work, inputs, split), model, plan)
     setting7 = attack_study(seven, tuple(f"{s}-b" for s in split), args.attack_rounds, attack, base_model, reuse=five)
-    seconds = time.perf_counter() - STARTED
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    recipe_path = args.recipe.resolve()
+    return {"model": model, "recipe": str(recipe_path.relative_to(ROOT) if recipe_path.is_relative_to(ROOT) else recipe_path),
+            "seq_len": plan["seq_len"], "lora": plan["lora"], "training": plan["training"], "rounds": rounds,
+            "attack_rounds": args.attack_rounds, "attack": attack.model_dump(), "sites": sites,
+            "table1": table1, "table2": [setting5, setting7], "threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - STARTED, 1), "seconds_table1": round(seconds1, 1),
+            "reused_from_work": REUSED}
 
-    print(f"\n## Table 1 — non-IID, {len(sites)} sites, eval loss after {rounds} rounds "
-          f"(local-only: {rounds * steps} steps per site; centralized: {rounds * steps * len(sites)} steps)\n")
-    shares = print_table1(table1, sites)
-    print(f"\n## Table 2 — attackers ({attack.kind} × {attack.factor:g}), mean eval loss of the honest sites after "
-          f"{args.attack_rounds} round(s); in brackets: change from the clean run\n")
-    print_table2([setting5, setting7])
-    print()
-    fedavg_mean = mean(table1["fedavg"][s] for s in sites)
-    best_exact = min(EXACT, key=lambda m: mean(table1[m][s] for s in sites))
-    best = max(shares, key=shares.get)
-    goals = [goal(mean(table1[best_exact][s] for s in sites) <= fedavg_mean,
-                  f"an exact method at least as good as fedavg on mean eval loss (best exact: {best_exact})"),
-             goal(shares[best] >= 0.9, f"the best method closes >= 90 % of the local-only -> centralized gap "
-                                       f"({best}: {100 * shares[best]:.1f} %)")]
-    for s in (setting5, setting7):
-        row, label = s["loss"], f"{len(s['attackers'])} of {s['sites']}"
-        for rule in ROBUST:
-            goals.append(goal(row[rule] <= 1.05 * row["clean"], f"{label}: {rule} within 5 % of the clean run "
-                                                                 f"({100 * (row[rule] / row['clean'] - 1):+.1f} %)"))
-        goals.append(goal(row["fedavg"] >= 1.10 * row["clean"], f"{label}: fedavg hurt by >= 10 % "
-                                                                f"({100 * (row['fedavg'] / row['clean'] - 1):+.1f} %)"))
-    print(f"\ntotal {seconds / 60:.1f} min (Table 1 {seconds1 / 60:.1f} min, Table 2 {(seconds - seconds1) / 60:.1f} min)")
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "non-iid")
+    parser.add_argument("--model", help="base model instead of the recipe's (a tiny one checks the script in seconds)")
+    parser.add_argument("--steps", type=int, help="steps per round instead of the recipe's")
+    parser.add_argument("--rounds", type=int, help="rounds of Table 1 instead of the recipe's")
+    parser.add_argument("--attack-rounds", type=int, default=1,
+                        help="rounds of the attack study (default 1: each later round retrains every site once per rule, "
+                             "which does not fit ~35 min on 2 cores)")
+    parser.add_argument("--attack", default="sign-flip:20", help="KIND:FACTOR every attacker uses (sign-flip, scale, noise)")
+    parser.add_argument("--work", type=Path, help="folder for the runs, kept (default: a temporary folder, removed after); "
+                                                  "a later run with the same settings reuses the runs it finds there")
+    parser.add_argument("--save", type=Path, help="write the JSON record here")
+    parser.add_argument("--report", type=Path, help="print the tables and goals of a saved record instead of measuring")
+    args = parser.parse_args()
+
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for module in ("peft", "transformers", "accelerate", "torch"):  # library deprecation chatter, not results
+        warnings.filterwarnings("ignore", module=module)
+    if args.report:
+        record = json.loads(args.report.read_text())
+    else:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        record = measure(args)
+    record = report(record)
     if args.save:
-        record = {"model": model, "recipe": str(args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe),
-                  "seq_len": plan["seq_len"], "lora": plan["lora"], "training": plan["training"], "rounds": rounds,
-                  "attack_rounds": args.attack_rounds, "attack": attack.model_dump(), "sites": sites,
-                  "table1": table1, "gap_closed": shares, "table2": [setting5, setting7], "goals": goals,
-                  "seconds": round(seconds, 1), "threads": torch.get_num_threads()}
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.save}")
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
