@@ -57,29 +57,29 @@ _SMOLLM2 = {
 }
 PRESETS = {
     # r 16 on q,k,v,o of a 7B Llama (32 layers of width 4096): 67 MB of float32 per update.
-    "llama-7b": dict(model="llama-7b-shapes", layers=32, r=16, alpha=32, modules=_LLAMA_7B),
+    "llama-7b": {"model": "llama-7b-shapes", "layers": 32, "r": 16, "alpha": 32, "modules": _LLAMA_7B},
     # r 64 on every linear layer of SmolLM2-135M (30 layers, hidden 576, intermediate 1536, 3 kv heads): 78 MB.
-    "smollm2-135m": dict(model="smollm2-135m-shapes", layers=30, r=64, alpha=128, modules=_SMOLLM2),
+    "smollm2-135m": {"model": "smollm2-135m-shapes", "layers": 30, "r": 64, "alpha": 128, "modules": _SMOLLM2},
     # a few hundred KB, to check the script itself in seconds
-    "tiny": dict(model="tiny-shapes", layers=2, r=4, alpha=8,
-                 modules={"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32)}),
+    "tiny": {"model": "tiny-shapes", "layers": 2, "r": 4, "alpha": 8,
+             "modules": {"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32)}},
 }
 
 # Rows of the in-process table: name → (kind, parameters, what it computes).
 CONTENDERS = {
-    "fedtune fedavg": ("engine", dict(method="fedavg", report_error=False),
+    "fedtune fedavg": ("engine", {"method": "fedavg", "report_error": False},
                        "merge_updates, fedavg, report_error=False: parent + Σp_k·δ_k per key"),
-    "fedtune fedavg+err": ("engine", dict(method="fedavg", report_error=True),
+    "fedtune fedavg+err": ("engine", {"method": "fedavg", "report_error": True},
                            "merge_updates, fedavg with report_error=True: also the per-layer ‖ΔW*−B′A′‖/‖ΔW*‖"),
-    "fedtune trimmed": ("engine", dict(method="trimmed-mean", trim=0.2),
+    "fedtune trimmed": ("engine", {"method": "trimmed-mean", "trim": 0.2},
                         "merge_updates, trimmed-mean 0.2 (unweighted, per coordinate)"),
-    "fedtune svd": ("engine", dict(method="svd"),
+    "fedtune svd": ("engine", {"method": "svd"},
                     "merge_updates, svd: exact mean of the products, rank-r re-factoring via QR + small SVD"),
-    "flower aggregate": ("flower", dict(fn="aggregate"), "flwr aggregate(results): weighted mean of the deltas"),
-    "flower trimmed": ("flower", dict(fn="trimmed"), "flwr aggregate_trimmed_avg(results, 0.2)"),
-    "peft linear": ("peft", dict(combination="linear"),
+    "flower aggregate": ("flower", {"fn": "aggregate"}, "flwr aggregate(results): weighted mean of the deltas"),
+    "flower trimmed": ("flower", {"fn": "trimmed"}, "flwr aggregate_trimmed_avg(results, 0.2)"),
+    "peft linear": ("peft", {"combination": "linear"},
                     "add_weighted_adapter linear: A←Σ√(p·s)A_k, B←Σ√(p·s)B_k over all sites' adapters"),
-    "peft svd": ("peft", dict(combination="svd"),
+    "peft svd": ("peft", {"combination": "svd"},
                  "add_weighted_adapter svd: Σp_k·ΔW_k dense per module + full SVD (timed on a subset, scaled)"),
 }
 # fedtune row → the peer rows it is compared with (speed ratio = peer time / fedtune time).
@@ -292,6 +292,44 @@ class AnonPeak:
         return max(self.peak, self.now_kb()) / 1024
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat)."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Others:
+    """The share of the machine's CPU that other processes used while this one was timed: busy CPU
+    time of the machine minus this process's own, over wall time × cores. Above ~10 % the timings are
+    not from a quiet machine (torch's thread pool suffers most: a parallel op waits for a descheduled
+    worker)."""
+
+    def __init__(self):
+        import resource
+
+        self._resource = resource
+        self.start = (time.perf_counter(), busy_seconds(), self._own())
+
+    def _own(self) -> float:
+        usage = self._resource.getrusage(self._resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def share(self, since: Others | None = None) -> float:
+        """Since this object was made; or since `since` when the timed runs lasted under 2 s, which
+        /proc/stat's 10 ms ticks cannot resolve."""
+        now = (time.perf_counter(), busy_seconds(), self._own())
+        start = self.start
+        if since is not None and now[0] - start[0] < 2.0:
+            start = since.start
+        wall, busy, own = (b - a for a, b in zip(start, now))
+        return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
+
+
 def timed(fn, repeat: int, budget: float) -> list[float]:
     """Run `fn` up to `repeat` times, at least twice (the first call in a process pays for fresh pages;
     the reported time is the median of the later ones) unless the first took over 3 × `budget`;
@@ -356,14 +394,16 @@ def child_engine(task: dict) -> dict:
     def run():
         return merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale)
 
+    others = Others()
     times = timed(run, task["repeat"], task["budget"])
+    out = {"times": times, "others_cpu_share": others.share(CHILD_START[0])}
     merged = run() if task.get("sample") else None
-    out = {"times": times, "anon_peak_mb": anon.stop()}
+    out["anon_peak_mb"] = anon.stop()
     if merged is not None:
         from safetensors import safe_open
 
         with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as base:
-            keys = [k for k in base.keys()][:: max(1, len(shapes) // 8)]
+            keys = list(base.keys())[:: max(1, len(shapes) // 8)]
             out["sample"] = sample({k: (merged[0][k] - base.get_tensor(k)).numpy() for k in keys})
         out["errors"] = None if merged[2] is None else max(merged[2].values())
     out["threads"] = torch.get_num_threads()
@@ -371,10 +411,9 @@ def child_engine(task: dict) -> dict:
 
 
 def child_flower(task: dict) -> dict:
+    from flwr.server.strategy.aggregate import aggregate, aggregate_trimmed_avg
     from safetensors import safe_open
     from safetensors.numpy import load_file
-
-    from flwr.server.strategy.aggregate import aggregate, aggregate_trimmed_avg
 
     layout = Layout(Path(task["work"]), task["preset"])
     round_dir = layout.round_dir(task["sites"])
@@ -387,11 +426,12 @@ def child_flower(task: dict) -> dict:
         del arrays
     anon = AnonPeak()
     if task["params"]["fn"] == "aggregate":
-        run = lambda: aggregate(results)  # noqa: E731
+        run = lambda: aggregate(results)
     else:
-        run = lambda: aggregate_trimmed_avg(results, 0.2)  # noqa: E731
+        run = lambda: aggregate_trimmed_avg(results, 0.2)
+    others = Others()
     times = timed(run, task["repeat"], task["budget"])
-    out = {"times": times, "anon_peak_mb": anon.stop()}
+    out = {"times": times, "others_cpu_share": others.share(CHILD_START[0]), "anon_peak_mb": anon.stop()}
     if task.get("sample"):
         merged = run()
         picked = keys[:: max(1, len(keys) // 8)]
@@ -476,8 +516,9 @@ def child_peft(task: dict) -> dict:
         peft_model.delete_adapter(merged)  # so the next repeat does not hold two merged adapters
 
     torch.set_grad_enabled(False)
+    others = Others()
     times = timed(run, task["repeat"], task["budget"])
-    out = {"times": times, "anon_peak_mb": anon.stop()}
+    out = {"times": times, "others_cpu_share": others.share(CHILD_START[0]), "anon_peak_mb": anon.stop()}
     out["threads"] = torch.get_num_threads()
     if subset:
         out["scaled_from"] = f"{len(keys) // 2} of {len(all_keys) // 2} modules"
@@ -487,9 +528,8 @@ def child_peft(task: dict) -> dict:
 
 def flower_process(round_dir: Path, parent_file: Path, out_file: Path) -> None:
     """The Flower way, as a whole process: load every update, aggregate, add the parent, save."""
-    from safetensors.numpy import load_file, save_file
-
     from flwr.server.strategy.aggregate import aggregate
+    from safetensors.numpy import load_file, save_file
 
     parent = load_file(str(parent_file))
     keys = list(parent)
@@ -518,9 +558,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+CHILD_START: list = [None]
+
+
 def child(task: dict) -> dict:
     import resource
 
+    CHILD_START[0] = Others()
     kind = task["kind"]
     digest = sources_digest()
     if kind == "build":
@@ -537,15 +581,19 @@ def child(task: dict) -> dict:
     return result
 
 
-def run_process(cmd: list[str], log_file: Path, env: dict) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MB, exit code) of one process, its RSS from wait4 on it alone."""
+def run_process(cmd: list[str], log_file: Path, env: dict) -> tuple[float, float, int, float]:
+    """(wall seconds, peak RSS MB, exit code, other processes' CPU share) of one process, its RSS and
+    CPU time from wait4 on it alone."""
     with open(log_file, "wb") as out:
+        busy = busy_seconds()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        busy = busy_seconds() - busy
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+    others = max(0.0, (busy - usage.ru_utime - usage.ru_stime) / (wall * (os.cpu_count() or 1)))
+    return wall, usage.ru_maxrss / 1024, proc.returncode, others
 
 
 # --------------------------------------------------------------------------------------- main
@@ -553,7 +601,7 @@ def run_process(cmd: list[str], log_file: Path, env: dict) -> tuple[float, float
 
 def run_child(task: dict, env: dict, show_stderr: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(task)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE, text=True, env=env)
+    done = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE, text=True, env=env)
     if done.returncode != 0:
         return {"failed": (done.stderr or "")[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -646,7 +694,7 @@ def main() -> None:
                 kind, params, _ = CONTENDERS[name]
                 if name.endswith("svd") and sites not in svd_sites:
                     continue
-                row = {"contender": name, "sites": sites, "update_bytes_total": total, "load_average": os.getloadavg()[0]}
+                row = {"contender": name, "sites": sites, "update_bytes_total": total}
                 need = memory_need(name, sites, per_update)
                 available = psutil.virtual_memory().available
                 if need > available - (2 << 30):
@@ -669,8 +717,9 @@ def main() -> None:
                 row.update(seconds=seconds, gb_per_s=total / seconds / 1e9, **result)
                 record["rows"].append(row)
                 note = f" (est. from {result['scaled_from']})" if "scaled_from" in result else ""
-                say(f"  {name:<20} {sites:>3} sites: {seconds:8.3f} s{note}  runs {['%.3f' % t for t in result['times']]}"
-                    f"  peak RSS {result['peak_rss_mb']:.0f} MB (anon {result['anon_peak_mb']:.0f} MB)")
+                say(f"  {name:<20} {sites:>3} sites: {seconds:8.3f} s{note}  runs {[f'{t:.3f}' for t in result['times']]}"
+                    f"  peak RSS {result['peak_rss_mb']:.0f} MB (anon {result['anon_peak_mb']:.0f} MB)"
+                    f"  others {100 * result['others_cpu_share']:.0f}% CPU")
         agreement(record, say)
         versions = {r["fedtune_aggregate_sha256"] for r in record["rows"] if "fedtune_aggregate_sha256" in r}
         if len(versions | {record["fedtune_aggregate_sha256"]}) > 1:
@@ -752,11 +801,11 @@ def whole_process(args, env: dict, say) -> dict:
         for name, cmd in commands.items():  # interleaved, so a noisy moment hits every contender
             reset_registry(layout)
             warm(layout.update_files(sites) + [layout.registry / "v0000" / ADAPTER])
-            wall, rss, code = run_process(cmd, logs / f"{name.split()[0]}-{attempt}.log", env)
+            wall, rss, code, others = run_process(cmd, logs / f"{name.split()[0]}-{attempt}.log", env)
             if code != 0:
                 sys.exit(f"{name} failed ({code}):\n{(logs / f'{name.split()[0]}-{attempt}.log').read_text()[-3000:]}")
-            runs[name].append({"seconds": wall, "peak_rss_mb": rss, "load_average": os.getloadavg()[0]})
-            say(f"  {name:<38} run {attempt + 1}: {wall:6.2f} s   peak RSS {rss:6.0f} MB")
+            runs[name].append({"seconds": wall, "peak_rss_mb": rss, "others_cpu_share": others})
+            say(f"  {name:<38} run {attempt + 1}: {wall:6.2f} s   peak RSS {rss:6.0f} MB   others {100 * others:3.0f}% CPU")
     # The fedtune output (last run of the default config) against the Flower way's.
     diff = run_child({"kind": "compare", "ours": str(layout.registry / "v0001" / ADAPTER), "theirs": str(flower_out)},
                      env).get("max_abs_diff", float("nan"))
@@ -767,7 +816,8 @@ def whole_process(args, env: dict, say) -> dict:
     for name, items in runs.items():
         seconds = statistics.median(r["seconds"] for r in items)
         result["rows"][name] = {"seconds": seconds, "gb_per_s": total / seconds / 1e9,
-                                "peak_rss_mb": max(r["peak_rss_mb"] for r in items), "runs": items}
+                                "peak_rss_mb": max(r["peak_rss_mb"] for r in items),
+                                "others_cpu_share": max(r["others_cpu_share"] for r in items), "runs": items}
     return result
 
 
@@ -823,7 +873,7 @@ def print_table(record: dict, args) -> None:
           f"{record['torch_threads']}; up to {args.repeat} runs in one process: wall s = median of the runs after the first, "
           f"1st run s = the first; files in the page cache; load average {record['load_average_at_start'][0]:.1f} at the start")
     header = (f"{'contender':<20} {'sites':>5} {'wall s':>9} {'1st run s':>9} {'GB/s':>7} {'peak RSS MB':>12} {'anon MB':>8}"
-              "  speed ratio (peer s / fedtune s)")
+              f" {'others':>6}  speed ratio (peer s / fedtune s)")
     print(header)
     print("-" * len(header))
     for row in record["rows"]:
@@ -839,7 +889,7 @@ def print_table(record: dict, args) -> None:
         est = " est." if "scaled_from" in row else ""
         first = row["times"][0] * row.get("scale", 1.0)
         print(f"{name:<20} {sites:>5} {row['seconds']:>9.3f} {first:>9.3f} {row['gb_per_s']:>7.2f} {row['peak_rss_mb']:>12.0f} "
-              f"{row['anon_peak_mb']:>8.0f}  {', '.join(ratios)}{est}")
+              f"{row['anon_peak_mb']:>8.0f} {100 * row['others_cpu_share']:>5.0f}%  {', '.join(ratios)}{est}")
     for row in record["rows"]:
         if "scaled_from" in row:
             print(f"  est.: {row['contender']} at {row['sites']} sites timed on {row['scaled_from']} and scaled "
@@ -851,8 +901,14 @@ def print_table(record: dict, args) -> None:
         flower = whole["rows"]["flower way"]["seconds"]
         for name, row in whole["rows"].items():
             ratio = f"×{flower / row['seconds']:.2f}" if name != "flower way" else ""
-            print(f"  {name:<38} {row['seconds']:>7.2f} s {row['gb_per_s']:>6.2f} GB/s   peak RSS {row['peak_rss_mb']:>6.0f} MB  {ratio}")
+            print(f"  {name:<38} {row['seconds']:>7.2f} s {row['gb_per_s']:>6.2f} GB/s   peak RSS {row['peak_rss_mb']:>6.0f} MB"
+                  f"   others ≤{100 * row['others_cpu_share']:3.0f}%  {ratio}")
         print(f"  fedtune's v0001 vs the Flower way's output: max |diff| {whole['max_abs_diff_vs_flower']:.1e}")
+    noisy = [r for r in record["rows"] if r.get("others_cpu_share", 0) > 0.1]
+    if whole:
+        noisy += [r for r in whole["rows"].values() if r["others_cpu_share"] > 0.1]
+    print("\nothers: the share of the machine's CPU other processes used during the timed runs" +
+          (f"; {len(noisy)} row(s) above 10 %: not a quiet machine, rerun those" if noisy else " (all ≤ 10 %)"))
     print("\ngoals")
     for goal in record["goals"]:
         print(f"  {goal['result']:<8} {goal['goal']}: {goal['detail']}")
