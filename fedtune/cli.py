@@ -111,22 +111,48 @@ def prepare(
     config: ConfigOpt,
     site: Annotated[str, typer.Option(help="this site's roster name")],
     input: Annotated[list[Path], typer.Option("--input", help="raw file: .jsonl .csv .parquet .txt (repeat)")],
-    out_dir: Annotated[Path, typer.Option("--out", help="prepared folder to write")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="prepared folder to write")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the data card only; write nothing")] = False,
+    deny_list: Annotated[Optional[Path], typer.Option(
+        "--deny-list", help="this site's file of terms to redact (names, project codes), one per line")] = None,
+    ner_model: Annotated[Optional[Path], typer.Option(
+        "--ner-model", help="a local token-classification model folder: person names become <PERSON> (off by default)")] = None,
+    num_proc: Annotated[Optional[int], typer.Option("--num-proc", min=1, help="worker processes (default: cores, up to 8)")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Filter, scrub, tokenize and pack a site's raw files; writes train/eval parquet and a data card."""
+    """Filter, scrub PII, dedup, tokenize and pack a site's raw files; writes train/eval parquet and a data card."""
     from fedtune.config import load_federation
     from fedtune.data import prepare_site
 
-    card = prepare_site(load_federation(config), site, input, out_dir, log=_log())
+    card = prepare_site(load_federation(config), site, input, out_dir, log=_log(), dry_run=dry_run,
+                        num_proc=num_proc, deny_list=deny_list, ner_model=ner_model)
     if json_out:
         print(json.dumps(card))
         return
-    dropped = ", ".join(f"{k} {v}" for k, v in card["dropped"].items()) or "none"
+    _print_card(card, None if dry_run else out_dir)
+
+
+def _print_card(card: dict, written: Path | None) -> None:
+    counts = card["records"]
+    dropped = ", ".join(f"{k} {v}" for k, v in card["dropped"].items() if v) or "none"
     pii = ", ".join(f"{k} {v}" for k, v in card["pii_replaced"].items()) or "none"
-    out.print(f"wrote {out_dir}: {card['records']['kept']}/{card['records']['read']} records kept "
-              f"(dropped: {dropped}; PII replaced: {pii}); sequences train {card['sequences']['train']}, "
+    langs = ", ".join(f"{k} {v}" for k, v in card["languages"]["kept"].items()) or "none"
+    head = f"wrote {written}" if written else "dry run (nothing written)"
+    out.print(f"{head}: {counts['kept']}/{counts['read']} records kept (train {counts['train']}, eval {counts['eval']})")
+    out.print(f"  dropped: {dropped}")
+    out.print(f"  PII replaced: {pii}")
+    out.print(f"  languages kept: {langs}")
+    tokens = card["tokens"]
+    out.print(f"  tokens: train {tokens['train']['total']} ({tokens['train']['trained']} trained), "
+              f"eval {tokens['eval']['total']}; sequences of {card['seq_len']}: train {card['sequences']['train']}, "
               f"eval {card['sequences']['eval']}")
+    lengths = card["token_lengths"]
+    out.print(f"  record length in tokens (mean {lengths['mean']}, max {lengths['max']}): "
+              + ", ".join(f"{k}: {v}" for k, v in lengths["histogram"].items() if v))
+    contract = card["contract"]
+    out.print("  contract: " + ("satisfied" if contract["satisfied"] else "NOT satisfied: " + "; ".join(contract["problems"])))
+    if not contract["satisfied"]:
+        err.print("warning: train-local will refuse this data until the contract holds: " + "; ".join(contract["problems"]))
 
 
 @app.command("train-local")

@@ -58,18 +58,91 @@ class TrainingSettings(Strict):
     prox_mu: float = Field(0.0, ge=0, description="FedProx: weight of (mu/2)·||w - w_global||² in the local loss")
 
 
+PII_ENTITY_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID")
+NATIONAL_ID_COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL")
+QUALITY_PRESETS = ("gopher-quality", "gopher-repetition", "c4", "fineweb")
+PLACEHOLDER_NAME = r"^[A-Z][A-Z0-9_]*$"
+
+
+class PiiSettings(Strict):
+    """What `prepare` replaces with typed placeholders before any token is written (the PII policy)."""
+
+    entities: list[Literal["EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID"]] = list(PII_ENTITY_TYPES)
+    countries: list[str] = Field(["US"], description="ISO 3166 codes: phone numbers in their national formats "
+                                 "and their national IDs (US, GB, DE, FR, ES, IT, NL have ID checks)")
+    patterns: dict[str, str] = Field({}, description="extra regexes, placeholder name → pattern (e.g. MRN: 'MRN-\\d{6}')")
+    deny_list: list[str] = Field([], description="terms every site replaces (project code names); a site's own "
+                                 "names go in a local file given to `prepare --deny-list`")
+
+    @field_validator("countries")
+    @classmethod
+    def _countries(cls, value: list[str]) -> list[str]:
+        import phonenumbers
+
+        upper = [c.upper() for c in value]
+        unknown = [c for c in upper if c not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown country code {', '.join(unknown)} (use ISO 3166 alpha-2, e.g. US, GB, DE)")
+        return list(dict.fromkeys(upper))
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, regex in value.items():
+            if not re.match(PLACEHOLDER_NAME, name):
+                raise ValueError(f"pattern name '{name}' must be upper case letters, digits and _ (it becomes <{name}>)")
+            try:
+                re.compile(regex)
+            except re.error as err:
+                raise ValueError(f"pattern {name}: not a valid regular expression ({err})") from None
+        return value
+
+    def policy(self) -> dict:
+        """The parts of the policy that decide what is replaced, as recorded in a data card."""
+        return {"entities": sorted(self.entities), "countries": sorted(self.countries),
+                "patterns": sorted(self.patterns), "deny_list_terms": len(self.deny_list)}
+
+
+class DedupSettings(Strict):
+    """Duplicate removal: exact (normalized text) and near (MinHash-LSH)."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word n-grams at which records are near-duplicates")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    ngram: int = Field(3, ge=1, le=16, description="words per shingle")
+
+
 class DataSettings(Strict):
     """What `prepare` keeps and how it splits."""
 
     min_chars: int = Field(8, ge=0)
     max_chars: int = Field(20000, ge=1)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    languages: list[str] = Field(["en"], description="allowed languages (ISO 639-1); empty keeps every language")
+    language_min_score: float = Field(0.5, ge=0, le=1, description="a record is dropped only when another language wins with at least this score")
+    language_min_letters: int = Field(20, ge=0, description="records with fewer letters are not judged")
+    quality: list[Literal["gopher-quality", "gopher-repetition", "c4", "fineweb"]] = Field(
+        [], description="datatrove web-document filters (opt-in: they drop most short instruction data)")
+    dedup: DedupSettings = DedupSettings()
+    pii: PiiSettings = PiiSettings()
 
     @model_validator(mode="after")
     def _bounds(self) -> DataSettings:
         if self.min_chars >= self.max_chars:
             raise ValueError("min_chars must be below max_chars")
         return self
+
+
+class DataContract(Strict):
+    """What every site's prepared data must satisfy, beside seq_len and data.pii (the PII policy).
+    `prepare` checks it and records the result in the data card; `train-local` refuses a card that does not match."""
+
+    tokenizer: str | None = Field(None, description="tokenizer fingerprint; init fills it in")
+    chat_template: str | None = Field(None, description="sha256 of the chat template ('none' without one); init fills it in")
+    min_tokens: int = Field(0, ge=0, description="fewest trained tokens a site's train split may hold")
 
 
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
@@ -135,6 +208,7 @@ class FederationConfig(TrainingPlan):
     format: Literal["fedtune.federation/1"] = FEDERATION_FORMAT
     name: str = "federation"
     base_model: BaseModelRef = BaseModelRef()
+    contract: DataContract = DataContract()
     sites: list[SiteEntry] = Field(min_length=1)
 
     _unique_sites = field_validator("sites")(_unique_names)

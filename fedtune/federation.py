@@ -55,6 +55,12 @@ def init_federation(
         data["name"] = folder.resolve().name
     config = parse_model(FederationConfig, data, "init")
     config.base_model.sha256 = models.fingerprint(config.base_model.id)
+    tokenizer = models.load_tokenizer(config.base_model.id)
+    # The data contract names the token space every site must prepare in.
+    from fedtune.data.contract import chat_template_sha
+
+    config.contract.tokenizer = config.contract.tokenizer or models.tokenizer_fingerprint(tokenizer)
+    config.contract.chat_template = config.contract.chat_template or chat_template_sha(tokenizer)
     base = models.load_base_model(config.base_model.id)
     _check_targets(base, config)
     tensors = seeded_adapter(base, config)

@@ -22,6 +22,7 @@ from fedtune.adapter import ADAPTER_FILE, UPDATE_FORMAT, lora_config, read_tenso
 from fedtune.aggregate.updates import factor_of, rank_slice
 from fedtune.artifacts import atomic_folder, sha256_file, stamp, write_json_atomic
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
+from fedtune.data.contract import chat_template_sha, require_contract
 from fedtune.data.prepare import read_prepared
 from fedtune.errors import BadInput, StageFailed
 from fedtune.registry import read_version_manifest, resolve_global
@@ -175,8 +176,7 @@ def train_local(
         raise BadInput(f"{data / 'data_card.json'}: prepared for site '{card['site']}', not '{site}'")
     models.check_fingerprint(config.base_model.id, config.base_model.sha256, "train-local")
     tokenizer = models.load_tokenizer(config.base_model.id)
-    if card["tokenizer"]["fingerprint"] != models.tokenizer_fingerprint(tokenizer):
-        raise BadInput(f"{data / 'data_card.json'}: prepared with another tokenizer; prepare again")
+    require_contract(card, config, models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer), data)
 
     # Seeds differ by site and round so sites do not draw the same batches, yet every rerun is identical.
     seed = config.seed + 1000 * number + zlib.crc32(site.encode()) % 1000

@@ -1,7 +1,17 @@
-"""`fedtune prepare`: raw files on a site → prepared/<site>/ (packed tokens + data card). Raw text never leaves."""
+"""`fedtune prepare`: raw files on a site → prepared/<site>/ (packed tokens + data card). Raw text never leaves.
+
+The records stream through on-disk Arrow tables (datasets), so memory stays bounded whatever the input size:
+  read → filter, scrub PII, fingerprint (workers) → exact and near dedup (one pass over keys and signatures)
+  → tokenize (workers) → pack into seq_len rows, written as they fill.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -13,42 +23,130 @@ import pyarrow.parquet as pq
 from fedtune import models
 from fedtune.artifacts import atomic_folder, read_json, sha256_file, stamp, write_json_atomic
 from fedtune.config import FederationConfig
-from fedtune.data.filters import length_verdict, normalized_key, scrub_record
+from fedtune.data.contract import chat_template_sha, check_tokenizer, contract_record, pii_policy
+from fedtune.data.dedup import near_duplicates
+from fedtune.data.pii import PiiPolicy
 from fedtune.data.sources import read_records
-from fedtune.data.tokenize import IGNORE, pack, tokenize_record
+from fedtune.data.stages import Plan, analyze_batch, tokenize_batch
+from fedtune.data.tokenize import IGNORE
 from fedtune.errors import BadInput
 
-CARD_FORMAT = "fedtune.data_card/1"
+CARD_FORMAT = "fedtune.data_card/2"
+# Below this many records per process, starting worker processes costs more than it saves.
+MIN_RECORDS_PER_PROCESS = 4096
+BATCH = 1000
 
 
-def _in_eval(key: str, fraction: float) -> bool:
+def _in_eval(keys: np.ndarray, fraction: float) -> np.ndarray:
     # The split depends only on the record's content, so it is the same on every run and in any order.
-    return int(key[:8], 16) / 0xFFFFFFFF < fraction
+    return (keys & 0xFFFFFFFF) / 0x100000000 < fraction
 
 
-def _write_split(path: Path, ids: np.ndarray, labels: np.ndarray) -> None:
-    table = pa.table({
-        "input_ids": pa.array(list(ids), type=pa.list_(pa.int32())),
-        "labels": pa.array(list(labels), type=pa.list_(pa.int32())),
-    })
-    pq.write_table(table, path)
+def _generate(paths: list[str]):
+    for index, path in enumerate(paths):
+        for record in read_records(Path(path)):
+            messages = None if record.messages is None else json.dumps(record.messages, ensure_ascii=False)
+            yield {"text": record.text, "messages": messages, "source": index}
+
+
+def _read_site_deny_list(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        raise BadInput(f"{path}: deny-list file not found (one term per line, # for comments)")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise BadInput(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class _Packer:
+    """Concatenates records (each ends with EOS), cuts rows of seq_len and writes them as they fill; the
+    last row is padded with labels IGNORE. Nothing is dropped."""
+
+    def __init__(self, path: Path | None, seq_len: int, pad_id: int):
+        self.seq_len, self.pad_id, self.rows = seq_len, pad_id, 0
+        self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._pending = 0
+        schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+        self._writer = pq.ParquetWriter(path, schema) if path is not None else None
+
+    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        self._ids.append(ids)
+        self._labels.append(labels)
+        self._pending += len(ids)
+        if self._pending >= 1024 * self.seq_len:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        ids, labels = np.concatenate(self._ids), np.concatenate(self._labels)
+        full = len(ids) // self.seq_len * self.seq_len
+        if final and full < len(ids):
+            pad = self.seq_len - (len(ids) - full)
+            ids = np.concatenate([ids, np.full(pad, self.pad_id, np.int32)])
+            labels = np.concatenate([labels, np.full(pad, IGNORE, np.int32)])
+            full = len(ids)
+        self._ids, self._labels = [ids[full:]], [labels[full:]]
+        self._pending = len(ids) - full
+        rows = full // self.seq_len
+        if rows and self._writer is not None:
+            flat_ids, flat_labels = pa.array(ids[:full]), pa.array(labels[:full])
+            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * self.seq_len)
+            self._writer.write_table(pa.table({
+                "input_ids": pa.ListArray.from_arrays(offsets, flat_ids),
+                "labels": pa.ListArray.from_arrays(offsets, flat_labels),
+            }))
+        self.rows += rows
+
+    def close(self) -> None:
+        self._flush(final=True)
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _histogram(lengths: np.ndarray) -> dict[str, int]:
+    """Record lengths in tokens, in power-of-two bins."""
+    if not len(lengths):
+        return {}
+    top = max(16, 1 << int(np.ceil(np.log2(max(1, lengths.max())))))
+    edges = [0] + [1 << k for k in range(4, int(np.log2(top)) + 1)]
+    counts = np.histogram(lengths, bins=np.array(edges) + 0.5)[0]
+    return {f"{lo + 1}-{hi}": int(c) for lo, hi, c in zip(edges[:-1], edges[1:], counts)}
+
+
+def _processes(requested: int, records: int) -> int | None:
+    procs = max(1, min(requested, records // MIN_RECORDS_PER_PROCESS))
+    return procs if procs > 1 else None
 
 
 def prepare_site(
     config: FederationConfig,
     site: str,
     inputs: list[Path],
-    out: Path,
+    out: Path | None,
     log: Callable[[str], None] = lambda _msg: None,
+    *,
+    dry_run: bool = False,
+    num_proc: int | None = None,
+    deny_list: Path | None = None,
+    ner_model: Path | None = None,
 ) -> dict:
-    """Read, filter, scrub, tokenize, pack and split one site's raw files; returns the data card.
+    """Read, filter, scrub, dedup, tokenize, pack and split one site's raw files; returns the data card.
 
     Args:
-        config: the federation (model, seq_len, data settings).
+        config: the federation (model, seq_len, data settings, contract).
         site: this site's roster name.
         inputs: raw files (.jsonl, .csv, .parquet, .txt).
-        out: folder to write train.parquet, eval.parquet and data_card.json into.
+        out: folder to write train.parquet, eval.parquet and data_card.json into (unused on a dry run).
         log: receives progress lines.
+        dry_run: compute the data card only; nothing is written.
+        num_proc: worker processes (default: the machine's cores).
+        deny_list: this site's own file of terms to redact (names, project codes), one per line.
+        ner_model: a local token-classification model folder; person names it finds become <PERSON>.
     """
     config.require_site(site, "prepare")
     if not inputs:
@@ -56,76 +154,204 @@ def prepare_site(
     for path in inputs:
         if not Path(path).is_file():
             raise BadInput(f"{path}: input file not found")
+    if out is None and not dry_run:
+        raise BadInput("prepare: give --out (or --dry-run to only print the data card)")
+    site_terms = _read_site_deny_list(deny_list)
     models.check_fingerprint(config.base_model.id, config.base_model.sha256, "prepare")
     tokenizer = models.load_tokenizer(config.base_model.id)
+    fingerprint, template_sha = models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer)
+    check_tokenizer(config, tokenizer, fingerprint, "prepare")
     settings = config.data
+    plan = Plan(
+        min_chars=settings.min_chars, max_chars=settings.max_chars, languages=list(settings.languages),
+        language_min_score=settings.language_min_score, language_min_letters=settings.language_min_letters,
+        quality=list(settings.quality),
+        pii=PiiPolicy.of(settings.pii, site_terms, str(ner_model) if ner_model else None),
+        near=settings.dedup.near, ngram=settings.dedup.ngram, num_perm=settings.dedup.num_perm,
+        model_id=config.base_model.id,
+    )
+    if ner_model is not None:
+        from fedtune.data.pii import _ner_recognizer
 
-    dropped: Counter = Counter()
-    pii: dict[str, int] = {}
-    seen: set[str] = set()
-    splits: dict[str, list] = {"train": [], "eval": []}
-    sources, read = [], 0
-    for path in map(Path, inputs):
-        count = 0
-        for record in read_records(path):
-            count += 1
-            verdict = length_verdict(record, settings.min_chars, settings.max_chars)
-            if verdict:
-                dropped[verdict] += 1
-                continue
-            # Scrub first: records that differ only in an email address are duplicates once scrubbed.
-            record = scrub_record(record, pii)
-            key = normalized_key(record)
-            if key in seen:
-                dropped["duplicate"] += 1
-                continue
-            seen.add(key)
-            splits["eval" if _in_eval(key, settings.eval_fraction) else "train"].append((key, record))
-        read += count
-        sources.append({"name": path.name, "sha256": sha256_file(path), "records": count})
-        log(f"{site}: read {count} records from {path.name}")
+        _ner_recognizer(str(ner_model))  # a bad folder is refused before any work starts
+    requested = num_proc or min(8, os.cpu_count() or 1)
+    started = time.perf_counter()
 
-    kept = len(splits["train"]) + len(splits["eval"])
-    if kept < 2:
-        raise BadInput(f"prepare: only {kept} usable record(s) in {', '.join(map(str, inputs))}; need at least 2")
-    if not splits["eval"]:  # a tiny site still gets a held-out record
-        splits["train"].sort(key=lambda kr: kr[0])
-        splits["eval"].append(splits["train"].pop(0))
-    if not splits["train"]:
-        splits["eval"].sort(key=lambda kr: kr[0])
-        splits["train"].append(splits["eval"].pop())
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
 
-    card_tokens, card_rows, tables = {}, {}, {}
-    for name, items in splits.items():
-        samples = [tokenize_record(tokenizer, record) for _key, record in items]
-        ids, labels = pack(samples, config.seq_len, tokenizer.pad_token_id)
-        tables[name] = (ids, labels)
-        card_rows[name] = int(ids.shape[0])
-        card_tokens[name] = {"total": int(sum(len(s[0]) for s in samples)), "trained": int((labels != IGNORE).sum())}
-        log(f"{site}: {name}: {len(items)} records → {ids.shape[0]} sequences of {config.seq_len} tokens")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked; each tokenizes on its own
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="fedtune-prepare-") as work:
+        log(f"{site}: reading {', '.join(Path(p).name for p in inputs)}")
+        try:
+            raw = datasets.Dataset.from_generator(
+                _generate, gen_kwargs={"paths": [str(p) for p in inputs]}, cache_dir=work,
+                features=datasets.Features({"text": datasets.Value("string"), "messages": datasets.Value("string"),
+                                            "source": datasets.Value("int32")}),
+            )
+        except DatasetGenerationError as err:
+            cause = err.__cause__ or err.__context__
+            if isinstance(cause, BadInput):
+                raise cause from None
+            raise
+        read = len(raw)
+        log(f"{site}: {read} records read; filtering, scrubbing PII and fingerprinting")
+        features = datasets.Features({
+            "text": datasets.Value("string"), "messages": datasets.Value("string"), "source": datasets.Value("int32"),
+            "drop": datasets.Value("string"), "key": datasets.Value("int64"), "lang": datasets.Value("string"),
+            "pii": datasets.Value("string"), "signature": datasets.Sequence(datasets.Value("uint32")),
+        })
+        analyzed = raw.map(
+            analyze_batch, batched=True, batch_size=BATCH, num_proc=_processes(requested, read),
+            fn_kwargs={"plan": plan}, features=features, remove_columns=raw.column_names,
+            cache_file_name=str(Path(work) / "analyzed.arrow"), new_fingerprint=f"analyze-{time.time_ns()}",
+        )
+        keep, dropped, sources_count, pii, languages = _select(analyzed, settings, Path(work), log, site)
 
-    card = {
-        "format": CARD_FORMAT,
-        "site": site,
-        "sources": sources,
-        "records": {"read": read, "kept": kept, "train": len(splits["train"]), "eval": len(splits["eval"])},
-        "dropped": dict(sorted(dropped.items())),
-        "pii_replaced": dict(sorted(pii.items())),
-        "tokens": card_tokens,
-        "sequences": card_rows,
-        "seq_len": config.seq_len,
-        "packing": "concatenate records with EOS, cut to seq_len, pad the last sequence",
-        "eval_fraction": settings.eval_fraction,
-        "tokenizer": {"fingerprint": models.tokenizer_fingerprint(tokenizer), "chat_template": bool(tokenizer.chat_template)},
-        "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
-        **stamp(),
-    }
-    with atomic_folder(out, replace=True) as tmp:
-        for name, (ids, labels) in tables.items():
-            _write_split(tmp / f"{name}.parquet", ids, labels)
-        card["files"] = {f"{n}.parquet": sha256_file(tmp / f"{n}.parquet") for n in tables}
-        write_json_atomic(tmp / "data_card.json", card)
+        keys = np.asarray(analyzed.select_columns(["key"]).with_format("numpy")["key"])[keep]
+        in_eval = _in_eval(keys, settings.eval_fraction)
+        splits = {"train": keep[~in_eval], "eval": keep[in_eval]}
+        if len(keep) < 2:
+            raise BadInput(f"prepare: only {len(keep)} usable record(s) in {', '.join(map(str, inputs))}; need at least 2")
+        if not len(splits["eval"]):  # a tiny site still gets a held-out record
+            splits = {"train": keep[1:], "eval": keep[:1]}
+        if not len(splits["train"]):
+            splits = {"train": keep[:-1], "eval": keep[-1:]}
+
+        card_tokens, card_rows, histograms = {}, {}, {}
+        staging = Path(work) / "out"
+        staging.mkdir()
+        for name, rows in splits.items():
+            chosen = analyzed.select(rows).select_columns(["text", "messages"])
+            tokenized = chosen.map(
+                tokenize_batch, batched=True, batch_size=BATCH, num_proc=_processes(requested, len(rows)),
+                fn_kwargs={"plan": plan}, remove_columns=["text", "messages"],
+                cache_file_name=str(Path(work) / f"tokens-{name}.arrow"), new_fingerprint=f"tok-{name}-{time.time_ns()}",
+                features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                            "labels": datasets.Sequence(datasets.Value("int32"))}),
+            )
+            packer = _Packer(None if dry_run else staging / f"{name}.parquet", config.seq_len, tokenizer.pad_token_id)
+            total = trained = 0
+            lengths = []
+            for batch in tokenized.with_format("arrow").iter(batch_size=8192):
+                ids_col, labels_col = batch.column("input_ids").combine_chunks(), batch.column("labels").combine_chunks()
+                ids_flat = ids_col.flatten().to_numpy().astype(np.int32)
+                labels_flat = labels_col.flatten().to_numpy().astype(np.int32)
+                packer.add(ids_flat, labels_flat)
+                lengths.append(np.diff(ids_col.offsets.to_numpy()))
+                total += len(ids_flat)
+                trained += int((labels_flat != IGNORE).sum())
+            packer.close()
+            card_rows[name] = packer.rows
+            card_tokens[name] = {"total": total, "trained": trained}
+            histograms[name] = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+            log(f"{site}: {name}: {len(rows)} records → {packer.rows} sequences of {config.seq_len} tokens")
+
+        record_lengths = np.concatenate(list(histograms.values()))
+        policy = pii_policy(config, len(site_terms), ner_model is not None)
+        card = {
+            "format": CARD_FORMAT,
+            "site": site,
+            "sources": [{"name": Path(p).name, "sha256": sha256_file(Path(p)), "records": int(sources_count.get(i, 0))}
+                        for i, p in enumerate(inputs)],
+            "records": {"read": read, "kept": int(len(keep)), "train": int(len(splits["train"])),
+                        "eval": int(len(splits["eval"]))},
+            "dropped": dict(sorted(dropped.items())),
+            "pii_replaced": dict(sorted(pii.items())),
+            "languages": languages,
+            "tokens": card_tokens,
+            "token_lengths": {"histogram": _histogram(record_lengths),
+                              "mean": round(float(record_lengths.mean()), 1) if len(record_lengths) else 0,
+                              "max": int(record_lengths.max()) if len(record_lengths) else 0},
+            "sequences": card_rows,
+            "seq_len": config.seq_len,
+            "packing": "concatenate records with EOS, cut to seq_len, pad the last sequence",
+            "eval_fraction": settings.eval_fraction,
+            "filters": {"min_chars": settings.min_chars, "max_chars": settings.max_chars,
+                        "languages": list(settings.languages), "quality": list(settings.quality),
+                        "dedup": settings.dedup.model_dump(mode="json")},
+            "contract": contract_record(config, fingerprint, template_sha, card_tokens["train"]["trained"], policy),
+            "tokenizer": {"fingerprint": fingerprint, "chat_template": bool(tokenizer.chat_template)},
+            "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
+            "seconds": round(time.perf_counter() - started, 2),
+            **stamp(),
+        }
+        if dry_run:
+            return card
+        with atomic_folder(out, replace=True) as tmp:
+            for name in splits:
+                os.replace(staging / f"{name}.parquet", tmp / f"{name}.parquet")
+            card["files"] = {f"{n}.parquet": sha256_file(tmp / f"{n}.parquet") for n in splits}
+            write_json_atomic(tmp / "data_card.json", card)
     return card
+
+
+def _select(analyzed, settings, work: Path, log, site: str):
+    """One pass over the analyzed records' drop reasons, keys and signatures: returns the rows kept (in
+    reading order) and the card's counts. Exact duplicates are found by key, then near-duplicates among
+    the distinct records by their MinHash signatures (spilled to a file, not held in memory)."""
+    n = len(analyzed)
+    dropped, sources, pii, kept_langs, dropped_langs = Counter(), Counter(), Counter(), Counter(), Counter()
+    passing = np.zeros(n, dtype=bool)
+    keys = np.zeros(n, dtype=np.int64)
+    num_perm = settings.dedup.num_perm
+    sig_path = work / "signatures.u32"
+    with open(sig_path, "wb") as sig_file:
+        start = 0
+        columns = analyzed.select_columns(["drop", "key", "source", "signature", "lang"]).with_format("arrow")
+        for batch in columns.iter(batch_size=65536):
+            size = batch.num_rows
+            drops = batch.column("drop").to_pylist()
+            langs = batch.column("lang").to_pylist()
+            sources.update(batch.column("source").to_pylist())
+            keys[start:start + size] = batch.column("key").to_numpy()
+            ok = np.array([d == "" for d in drops], dtype=bool)
+            passing[start:start + size] = ok
+            for d, lang in zip(drops, langs):
+                if d:
+                    dropped[d] += 1
+                    if d == "language":
+                        dropped_langs[lang] += 1
+            if settings.dedup.near and ok.any():
+                sig = batch.column("signature").combine_chunks().filter(pa.array(ok)).flatten().to_numpy()
+                sig = sig.astype(np.uint32)
+                sig_file.write(sig.tobytes())
+            start += size
+
+    rows = np.flatnonzero(passing)
+    if settings.dedup.exact and len(rows):
+        _, first = np.unique(keys[rows], return_index=True)
+        unique = np.zeros(len(rows), dtype=bool)
+        unique[first] = True
+        dropped["duplicate"] += int((~unique).sum())
+    else:
+        unique = np.ones(len(rows), dtype=bool)
+    if settings.dedup.near and unique.sum() > 1:
+        sig = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(len(rows), num_perm))
+        positions = np.flatnonzero(unique)
+        near = near_duplicates(sig, positions, settings.dedup.threshold)
+        unique[positions[near]] = False
+        dropped["near_duplicate"] += int(near.sum())
+        del sig
+    keep = rows[unique]
+    log(f"{site}: {len(keep)} records kept; dropped: {', '.join(f'{k} {v}' for k, v in sorted(dropped.items())) or 'none'}")
+
+    kept_mask = np.zeros(n, dtype=bool)
+    kept_mask[keep] = True
+    start = 0
+    for batch in analyzed.select_columns(["pii", "lang"]).with_format("arrow").iter(batch_size=65536):
+        size = batch.num_rows
+        flags = kept_mask[start:start + size]
+        for flag, counts, lang in zip(flags.tolist(), batch.column("pii").to_pylist(), batch.column("lang").to_pylist()):
+            if flag:
+                kept_langs[lang] += 1
+                if counts:
+                    pii.update(json.loads(counts))
+        start += size
+    languages = {"kept": dict(kept_langs.most_common()), "dropped": dict(dropped_langs.most_common())}
+    return keep, dropped, sources, pii, languages
 
 
 def read_prepared(folder: Path, config: FederationConfig, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -133,7 +359,7 @@ def read_prepared(folder: Path, config: FederationConfig, split: str) -> tuple[d
     card_path = folder / "data_card.json"
     card = read_json(card_path)
     if card.get("format") != CARD_FORMAT:
-        raise BadInput(f"{card_path}: not a fedtune data card; run `fedtune prepare` first")
+        raise BadInput(f"{card_path}: not a data card of this fedtune version; run `fedtune prepare` again")
     if card.get("seq_len") != config.seq_len:
         raise BadInput(f"{card_path}: prepared at seq_len {card.get('seq_len')}, the federation uses {config.seq_len}; prepare again")
     if card.get("base_model", {}).get("sha256") != config.base_model.sha256:
@@ -154,5 +380,3 @@ def read_prepared(folder: Path, config: FederationConfig, split: str) -> tuple[d
             raise BadInput(f"{path}: rows are not all {config.seq_len} tokens long; prepare again")
         columns.append(flat.reshape(table.num_rows, config.seq_len))
     return card, columns[0], columns[1]
-
-

@@ -1,0 +1,123 @@
+"""The per-record work of `prepare`, run a batch at a time in worker processes (datasets `map` with num_proc).
+
+Each worker builds its analyzer, language model and filters once (`_tools`) and keeps them for every batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from fedtune.data.dedup import exact_key, normalize, signatures
+from fedtune.data.pii import PiiPolicy, PiiScrubber
+from fedtune.data.quality import UNDETERMINED, LanguageFilter, QualityFilters, length_verdict
+from fedtune.data.sources import Record
+
+
+@dataclass
+class Plan:
+    """Everything a worker needs, as plain values (it is sent to each worker process)."""
+
+    min_chars: int
+    max_chars: int
+    languages: list[str]
+    language_min_score: float
+    language_min_letters: int
+    quality: list[str]
+    pii: PiiPolicy | None
+    near: bool
+    ngram: int
+    num_perm: int
+    model_id: str = ""
+    tag: str = field(default="", compare=False)
+
+
+@dataclass
+class _Tools:
+    language: LanguageFilter
+    quality: QualityFilters
+    scrubber: PiiScrubber | None
+
+
+_CACHE: dict[str, object] = {}
+
+
+def _tools(plan: Plan) -> _Tools:
+    key = repr(plan)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = _Tools(
+            language=LanguageFilter(plan.languages, plan.language_min_letters, plan.language_min_score),
+            quality=QualityFilters(plan.quality),
+            scrubber=PiiScrubber(plan.pii) if plan.pii is not None else None,
+        )
+    return _CACHE[key]
+
+
+def to_record(text: str | None, messages: str | None) -> Record:
+    return Record(text=text) if messages is None else Record(messages=json.loads(messages))
+
+
+def _record_parts(record: Record) -> list[str]:
+    if record.messages is not None:
+        return [f"{m['role']}\x1f{m['content']}" for m in record.messages]
+    return [record.text or ""]
+
+
+def analyze_batch(batch: dict, plan: Plan) -> dict:
+    """Filter, scrub and fingerprint a batch: returns the scrubbed records with their drop reason ("" keeps),
+    exact-duplicate key, detected language, PII counts (JSON) and MinHash signature."""
+    tools = _tools(plan)
+    out: dict[str, list] = {k: [] for k in ("text", "messages", "source", "drop", "key", "lang", "pii", "signature")}
+    normalized_kept: list[tuple[int, str]] = []
+    for i, (text, messages, source) in enumerate(zip(batch["text"], batch["messages"], batch["source"])):
+        record = to_record(text, messages)
+        drop = length_verdict(record, plan.min_chars, plan.max_chars)
+        lang = UNDETERMINED
+        if drop is None:
+            joined = "\n".join(record.contents())
+            drop, lang = tools.language.verdict(joined)
+            if drop is None:
+                drop = tools.quality.verdict(joined)
+        counts: Counter = Counter()
+        if drop is None and tools.scrubber is not None:
+            scrub = tools.scrubber.scrub
+            if record.text is not None:
+                record = Record(text=scrub(record.text, counts))
+            else:
+                record = Record(messages=[{"role": m["role"], "content": scrub(m["content"], counts)}
+                                          for m in record.messages])
+        normalized = normalize(_record_parts(record))
+        if drop is None and plan.near:
+            normalized_kept.append((i, normalized))
+        out["text"].append(record.text)
+        out["messages"].append(None if record.messages is None else json.dumps(record.messages, ensure_ascii=False))
+        out["source"].append(source)
+        out["drop"].append(drop or "")
+        out["key"].append(exact_key(normalized))
+        out["lang"].append(lang)
+        out["pii"].append(json.dumps(counts, sort_keys=True) if counts else "")
+        out["signature"].append([])
+    if normalized_kept:
+        rows = signatures([t for _, t in normalized_kept], plan.ngram, plan.num_perm)
+        for (i, _), row in zip(normalized_kept, rows):
+            out["signature"][i] = row
+    return out
+
+
+def tokenize_batch(batch: dict, plan: Plan) -> dict:
+    """input_ids and labels of each record (chat template for conversations, loss on the answers only)."""
+    from fedtune import models
+    from fedtune.data.tokenize import tokenize_record
+
+    key = f"tokenizer:{plan.model_id}"
+    if key not in _CACHE:
+        _CACHE[key] = models.load_tokenizer(plan.model_id)
+    tokenizer = _CACHE[key]
+    ids, labels = [], []
+    for text, messages in zip(batch["text"], batch["messages"]):
+        record_ids, record_labels = tokenize_record(tokenizer, to_record(text, messages))
+        ids.append(record_ids)
+        labels.append(record_labels)
+    return {"input_ids": ids, "labels": labels}
