@@ -14,9 +14,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fedtune.config import PII_ENTITY_TYPES, PiiSettings
-
+# Before Presidio imports tldextract: its email check must use the suffix list bundled with tldextract.
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
+
+from presidio_analyzer import AnalyzerEngine, EntityRecognizer, Pattern, PatternRecognizer, RecognizerRegistry
+from presidio_analyzer import RecognizerResult
+from presidio_analyzer import predefined_recognizers as pr
+from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
+from presidio_analyzer.nlp_engine import NoOpNlpEngine
+from presidio_anonymizer import AnonymizerEngine
+from presidio_anonymizer.entities import OperatorConfig
+
+from fedtune.config import PII_ENTITY_TYPES, PiiSettings
 
 DENY_LIST_TYPE = "REDACTED"
 PERSON_TYPE = "PERSON"
@@ -25,13 +34,18 @@ LANGUAGE = "en"  # Presidio files every recognizer under a language; the pattern
 # Texts without a digit, '@' or ':' cannot hold an email, phone, card, IBAN, IP or national ID; the
 # number recognizers are skipped for them (most clean prose), which is most of the analyzer's cost.
 _MAY_HOLD_NUMBERS = re.compile(r"[\d@:]")
+# A phone number has at least 6 digits, written together or grouped; phonenumbers' matcher (the costliest
+# recognizer) only runs on texts that have such a run.
+_PHONE_CANDIDATE = re.compile(r"\d(?:[\s().\-/]{0,3}\d){5}")
 
 
 def _stdnum_check(module: str) -> Callable[[str], bool]:
     import importlib
 
     validator = importlib.import_module(f"stdnum.{module}")
-    return validator.is_valid
+    # Separators go first: some stdnum modules strip only '-' (us.ssn), but IDs are also written with spaces
+    # or dots (123 45 6789), as the recognizers' patterns allow.
+    return lambda value: validator.is_valid(re.sub(r"[\s.-]", "", value))
 
 
 def _card_ok(value: str) -> bool:
@@ -41,11 +55,28 @@ def _card_ok(value: str) -> bool:
     return 13 <= len(digits) <= 19 and luhn.is_valid(digits)
 
 
+# Mastercard's 2-series (2221-2720), which Presidio's card pattern does not cover.
+_MASTERCARD_2 = r"\b(?:222[1-9]|22[3-9]\d|2[3-6]\d{2}|27[01]\d|2720)[- ]?\d{4}[- ]?\d{4}[- ]?\d{4}\b"
+
+# A date (31.01.2024, 09.12.05, 2024-01-31) can read as a valid number in some numbering plan (09.12.2005 is
+# 0912 2005 in Germany and Italy); phonenumbers itself only rules out slash-separated dates.
+_DATE = re.compile(r"[0-3]?\d([./-])[01]?\d\1(?:19|20)?\d{2}|(?:19|20)\d{2}([./-])[01]?\d\2[0-3]?\d")
+
+
+def _phone_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """The span of a phone-number match without an unbalanced bracket phonenumbers took along (the '(' of
+    '(601-30-0336)'), or None for a date."""
+    if text[start] == "(" and ")" not in text[start:end]:
+        start += 1
+    if text[end - 1] == ")" and "(" not in text[start:end]:
+        end -= 1
+    if _DATE.fullmatch(text[start:end]):
+        return None
+    return start, end
+
+
 def _national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[str], bool] | None]]:
     """(Presidio recognizer, placeholder type, stdnum validator) for one country's national IDs."""
-    from presidio_analyzer import Pattern, PatternRecognizer
-    from presidio_analyzer import predefined_recognizers as pr
-
     def pattern(entity: str, regex: str, score: float = 0.5):
         return PatternRecognizer(supported_entity=entity, patterns=[Pattern(entity.lower(), regex, score)],
                                  supported_language=LANGUAGE, global_regex_flags=re.MULTILINE)
@@ -58,7 +89,10 @@ def _national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[
         # The National Insurance number has no check digit; its letter rules are Presidio's.
         return [(pr.UkNinoRecognizer(supported_language=LANGUAGE), "UK_NINO", None), (pr.NhsRecognizer(supported_language=LANGUAGE), "UK_NHS", _stdnum_check("gb.nhs"))]
     if country == "DE":
-        return [(pr.DeTaxIdRecognizer(supported_language=LANGUAGE), "DE_TAX_ID", _stdnum_check("de.idnr"))]
+        # Steuer-IdNr: 11 digits, compact or grouped 2-3-3-3 as on tax letters (Presidio's pattern and check take
+        # only the compact form); ISO 7064 mod 11,10 is stdnum's check.
+        idnr = r"\b[1-9]\d ?\d{3} ?\d{3} ?\d{3}\b"
+        return [(pattern("DE_TAX_ID", idnr), "DE_TAX_ID", _stdnum_check("de.idnr"))]
     if country == "FR":
         # Numéro de sécurité sociale (NIR): sex, year, month, department, commune, order, key.
         nir = r"\b[12][ .]?\d{2}[ .]?(?:0[1-9]|1[0-2]|[2-9]\d)[ .]?(?:\d{2}|2[AB])[ .]?\d{3}[ .]?\d{3}[ .]?\d{2}\b"
@@ -74,7 +108,23 @@ def _national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[
     return []
 
 
-class DenyListRecognizer:
+class _NoContext(ContextAwareEnhancer):
+    """Context words need the tokens of an NLP model; with none, looking them up only costs time."""
+
+    def __init__(self):
+        super().__init__(context_similarity_factor=0, min_score_with_context_similarity=0,
+                         context_prefix_count=0, context_suffix_count=0)
+
+    def enhance_using_context(self, text, raw_results, nlp_artifacts, recognizers, context=None):
+        return raw_results
+
+
+class _Phones(pr.PhoneRecognizer):
+    def analyze(self, text, entities, nlp_artifacts=None):
+        return super().analyze(text, entities, nlp_artifacts) if _PHONE_CANDIDATE.search(text) else []
+
+
+class DenyListTerms:
     """Site-supplied terms (names, project codes), matched case-insensitively on word boundaries.
 
     A set lookup over word windows: unlike one big regex alternation, its cost does not grow with the
@@ -105,17 +155,16 @@ class DenyListRecognizer:
         return spans
 
 
-def _presidio_deny_recognizer(deny: DenyListRecognizer):
-    from presidio_analyzer import EntityRecognizer, RecognizerResult
+class _DenyList(EntityRecognizer):
+    def __init__(self, terms: DenyListTerms):
+        self.terms = terms
+        super().__init__(supported_entities=[DENY_LIST_TYPE], supported_language=LANGUAGE, name="deny-list")
 
-    class _Recognizer(EntityRecognizer):
-        def load(self) -> None:
-            pass
+    def load(self) -> None:
+        pass
 
-        def analyze(self, text, entities, nlp_artifacts=None):
-            return [RecognizerResult(DENY_LIST_TYPE, start, end, 1.0) for start, end in deny.find(text)]
-
-    return _Recognizer(supported_entities=[DENY_LIST_TYPE], supported_language=LANGUAGE, name="deny-list")
+    def analyze(self, text, entities, nlp_artifacts=None):
+        return [RecognizerResult(DENY_LIST_TYPE, start, end, 1.0) for start, end in self.terms.find(text)]
 
 
 @dataclass
@@ -139,12 +188,6 @@ class PiiScrubber:
     """Replaces PII in text with typed placeholders; `scrub` returns the new text and counts per type."""
 
     def __init__(self, policy: PiiPolicy):
-        from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
-        from presidio_analyzer import predefined_recognizers as pr
-        from presidio_analyzer.nlp_engine import NoOpNlpEngine
-        from presidio_anonymizer import AnonymizerEngine
-        from presidio_anonymizer.entities import OperatorConfig
-
         wanted = set(policy.entities)
         # (recognizer, placeholder type, stdnum validator or None)
         table: list[tuple[object, str, Callable[[str], bool] | None]] = []
@@ -153,9 +196,10 @@ class PiiScrubber:
         if "PHONE" in wanted:
             # Leniency 1 keeps numbers valid in the numbering plan of one of the federation's countries; an
             # international (+CC) number is recognized whichever country it belongs to.
-            table.append((pr.PhoneRecognizer(supported_regions=tuple(policy.countries), leniency=1), "PHONE", None))
+            table.append((_Phones(supported_regions=tuple(policy.countries), leniency=1), "PHONE", None))
         if "CARD" in wanted:
-            table.append((pr.CreditCardRecognizer(), "CARD", _card_ok))
+            card_patterns = [*pr.CreditCardRecognizer.PATTERNS, Pattern("Mastercard 2-series", _MASTERCARD_2, 0.3)]
+            table.append((pr.CreditCardRecognizer(patterns=card_patterns), "CARD", _card_ok))
         if "IBAN" in wanted:
             table.append((pr.IbanRecognizer(), "IBAN", _stdnum_check("iban")))
         if "IP" in wanted:
@@ -170,7 +214,7 @@ class PiiScrubber:
             table.append((recognizer, name, None))
             always.append(name)
         if policy.deny_list:
-            table.append((_presidio_deny_recognizer(DenyListRecognizer(policy.deny_list)), DENY_LIST_TYPE, None))
+            table.append((_DenyList(DenyListTerms(policy.deny_list)), DENY_LIST_TYPE, None))
             always.append(DENY_LIST_TYPE)
         if policy.ner_model:
             table.append((_ner_recognizer(policy.ner_model), PERSON_TYPE, None))
@@ -187,7 +231,8 @@ class PiiScrubber:
                     self._validator[entity] = validator
         engine = NoOpNlpEngine(models=[{"lang_code": LANGUAGE, "model_name": "none"}])
         engine.load()
-        self._analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=[LANGUAGE])
+        self._analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=[LANGUAGE],
+                                        context_aware_enhancer=_NoContext())
         self._anonymizer = AnonymizerEngine()
         self._operators = {e: OperatorConfig("replace", {"new_value": f"<{p}>"}) for e, p in self._placeholder.items()}
         self._all = sorted(self._placeholder)
@@ -201,6 +246,11 @@ class PiiScrubber:
         found = self._analyzer.analyze(text, language=LANGUAGE, entities=entities)
         confirmed = []
         for result in found:
+            if self._placeholder.get(result.entity_type) == "PHONE":
+                span = _phone_span(text, result.start, result.end)
+                if span is None:
+                    continue
+                result.start, result.end = span
             validator = self._validator.get(result.entity_type)
             if validator is not None:
                 if not validator(text[result.start:result.end]):

@@ -25,9 +25,7 @@ from fedtune.artifacts import atomic_folder, read_json, sha256_file, stamp, writ
 from fedtune.config import FederationConfig
 from fedtune.data.contract import chat_template_sha, check_tokenizer, contract_record, pii_policy
 from fedtune.data.dedup import near_duplicates
-from fedtune.data.pii import PiiPolicy
 from fedtune.data.sources import read_records
-from fedtune.data.stages import Plan, analyze_batch, tokenize_batch
 from fedtune.data.tokenize import IGNORE
 from fedtune.errors import BadInput
 
@@ -42,8 +40,10 @@ def _in_eval(keys: np.ndarray, fraction: float) -> np.ndarray:
     return (keys & 0xFFFFFFFF) / 0x100000000 < fraction
 
 
-def _generate(paths: list[str]):
-    for index, path in enumerate(paths):
+def _generate(sources: list[tuple[int, str]]):
+    # datasets splits a list in gen_kwargs into shards (one call per file), so each path carries its own
+    # index: enumerate() here would number every file 0.
+    for index, path in sources:
         for record in read_records(Path(path)):
             messages = None if record.messages is None else json.dumps(record.messages, ensure_ascii=False)
             yield {"text": record.text, "messages": messages, "source": index}
@@ -148,6 +148,10 @@ def prepare_site(
         deny_list: this site's own file of terms to redact (names, project codes), one per line.
         ner_model: a local token-classification model folder; person names it finds become <PERSON>.
     """
+    # Presidio, datatrove and the language model load here, not when train-local imports read_prepared.
+    from fedtune.data.pii import PiiPolicy
+    from fedtune.data.stages import Plan, analyze_batch, tokenize_batch
+
     config.require_site(site, "prepare")
     if not inputs:
         raise BadInput("prepare: give at least one --input file")
@@ -187,7 +191,7 @@ def prepare_site(
         log(f"{site}: reading {', '.join(Path(p).name for p in inputs)}")
         try:
             raw = datasets.Dataset.from_generator(
-                _generate, gen_kwargs={"paths": [str(p) for p in inputs]}, cache_dir=work,
+                _generate, gen_kwargs={"sources": [(i, str(p)) for i, p in enumerate(inputs)]}, cache_dir=work,
                 features=datasets.Features({"text": datasets.Value("string"), "messages": datasets.Value("string"),
                                             "source": datasets.Value("int32")}),
             )
@@ -197,7 +201,7 @@ def prepare_site(
                 raise cause from None
             raise
         read = len(raw)
-        log(f"{site}: {read} records read; filtering, scrubbing PII and fingerprinting")
+        log(f"{site}: {read} records read ({time.perf_counter() - started:.1f} s); filtering, scrubbing PII, fingerprinting")
         features = datasets.Features({
             "text": datasets.Value("string"), "messages": datasets.Value("string"), "source": datasets.Value("int32"),
             "drop": datasets.Value("string"), "key": datasets.Value("int64"), "lang": datasets.Value("string"),
@@ -208,10 +212,10 @@ def prepare_site(
             fn_kwargs={"plan": plan}, features=features, remove_columns=raw.column_names,
             cache_file_name=str(Path(work) / "analyzed.arrow"), new_fingerprint=f"analyze-{time.time_ns()}",
         )
-        keep, dropped, sources_count, pii, languages = _select(analyzed, settings, Path(work), log, site)
-
-        keys = np.asarray(analyzed.select_columns(["key"]).with_format("numpy")["key"])[keep]
-        in_eval = _in_eval(keys, settings.eval_fraction)
+        log(f"{site}: records analyzed ({time.perf_counter() - started:.1f} s); removing duplicates")
+        keep, keys, dropped, sources_count, pii, languages = _select(analyzed, settings, Path(work), log, site)
+        log(f"{site}: duplicates removed ({time.perf_counter() - started:.1f} s); tokenizing")
+        in_eval = _in_eval(keys[keep], settings.eval_fraction)
         splits = {"train": keep[~in_eval], "eval": keep[in_eval]}
         if len(keep) < 2:
             raise BadInput(f"prepare: only {len(keep)} usable record(s) in {', '.join(map(str, inputs))}; need at least 2")
@@ -247,7 +251,8 @@ def prepare_site(
             card_rows[name] = packer.rows
             card_tokens[name] = {"total": total, "trained": trained}
             histograms[name] = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-            log(f"{site}: {name}: {len(rows)} records → {packer.rows} sequences of {config.seq_len} tokens")
+            log(f"{site}: {name}: {len(rows)} records → {packer.rows} sequences of {config.seq_len} tokens "
+                f"({time.perf_counter() - started:.1f} s)")
 
         record_lengths = np.concatenate(list(histograms.values()))
         policy = pii_policy(config, len(site_terms), ner_model is not None)
@@ -258,7 +263,7 @@ def prepare_site(
                         for i, p in enumerate(inputs)],
             "records": {"read": read, "kept": int(len(keep)), "train": int(len(splits["train"])),
                         "eval": int(len(splits["eval"]))},
-            "dropped": dict(sorted(dropped.items())),
+            "dropped": {k: v for k, v in sorted(dropped.items()) if v},  # reasons that dropped something
             "pii_replaced": dict(sorted(pii.items())),
             "languages": languages,
             "tokens": card_tokens,
@@ -290,7 +295,7 @@ def prepare_site(
 
 def _select(analyzed, settings, work: Path, log, site: str):
     """One pass over the analyzed records' drop reasons, keys and signatures: returns the rows kept (in
-    reading order) and the card's counts. Exact duplicates are found by key, then near-duplicates among
+    reading order), every row's key and the card's counts. Exact duplicates are found by key, then near-duplicates among
     the distinct records by their MinHash signatures (spilled to a file, not held in memory)."""
     n = len(analyzed)
     dropped, sources, pii, kept_langs, dropped_langs = Counter(), Counter(), Counter(), Counter(), Counter()
@@ -351,7 +356,7 @@ def _select(analyzed, settings, work: Path, log, site: str):
                     pii.update(json.loads(counts))
         start += size
     languages = {"kept": dict(kept_langs.most_common()), "dropped": dict(dropped_langs.most_common())}
-    return keep, dropped, sources, pii, languages
+    return keep, keys, dropped, sources, pii, languages
 
 
 def read_prepared(folder: Path, config: FederationConfig, split: str) -> tuple[dict, np.ndarray, np.ndarray]:

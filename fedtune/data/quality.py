@@ -3,12 +3,15 @@ filters as opt-in presets. Each returns None to keep a record or the reason it w
 
 from __future__ import annotations
 
+import re
+
 from fedtune.data.sources import Record
 
 # The web-document filters judge pages, not instructions: Gopher alone drops any record under 50 words.
 # So none runs unless the federation file names it under data.quality.
 QUALITY_PRESETS = ("gopher-quality", "gopher-repetition", "c4", "fineweb")
 UNDETERMINED = "und"
+_LETTER = re.compile(r"[^\W\d_]")
 
 
 def length_verdict(record: Record, min_chars: int, max_chars: int) -> str | None:
@@ -40,7 +43,7 @@ class LanguageFilter:
 
     def detect(self, text: str) -> tuple[str, float]:
         sample = " ".join(text[:2000].split())
-        if sum(ch.isalpha() for ch in sample) < self.min_letters:
+        if len(_LETTER.findall(sample, 0, 50 * self.min_letters + 50)) < self.min_letters:
             return UNDETERMINED, 0.0
         best = self._detector.detect(sample, model="lite", k=1)[0]
         return best["lang"], float(best["score"])

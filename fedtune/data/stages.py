@@ -109,15 +109,11 @@ def analyze_batch(batch: dict, plan: Plan) -> dict:
 def tokenize_batch(batch: dict, plan: Plan) -> dict:
     """input_ids and labels of each record (chat template for conversations, loss on the answers only)."""
     from fedtune import models
-    from fedtune.data.tokenize import tokenize_record
+    from fedtune.data.tokenize import tokenize_records
 
     key = f"tokenizer:{plan.model_id}"
     if key not in _CACHE:
         _CACHE[key] = models.load_tokenizer(plan.model_id)
-    tokenizer = _CACHE[key]
-    ids, labels = [], []
-    for text, messages in zip(batch["text"], batch["messages"]):
-        record_ids, record_labels = tokenize_record(tokenizer, to_record(text, messages))
-        ids.append(record_ids)
-        labels.append(record_labels)
-    return {"input_ids": ids, "labels": labels}
+    records = [to_record(text, messages) for text, messages in zip(batch["text"], batch["messages"])]
+    pairs = tokenize_records(_CACHE[key], records)
+    return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}

@@ -19,15 +19,33 @@ def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> l
 
 def tokenize_record(tokenizer, record: Record) -> tuple[list[int], list[int]]:
     """Return (input_ids, labels) for one record; labels are IGNORE where no loss is taken."""
-    if record.text is not None:
-        ids = tokenizer(record.text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
-        return ids, list(ids)
-    if not tokenizer.chat_template:
-        raise BadInput("the base model's tokenizer has no chat template; give plain `text` records instead")
-    messages = record.messages
+    return tokenize_records(tokenizer, [record])[0]
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _answer_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
+    """The rendered conversation and the character span of each assistant turn (from the end of the prompt
+    that precedes it to the end of the turn, so the end-of-turn token is trained on and the model learns to
+    stop). None when the template does not render prefixes as prefixes; the caller then goes token by token."""
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else ""
+        through = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(before) and full.startswith(through)):
+            return None
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def _tokenwise(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     ids = _template_ids(tokenizer, messages, generation_prompt=False)
     labels = [IGNORE] * len(ids)
-    # Each assistant turn is trained on: the tokens between the prompt that precedes it and the end of it.
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -35,6 +53,40 @@ def tokenize_record(tokenizer, record: Record) -> tuple[list[int], list[int]]:
         end = len(_template_ids(tokenizer, messages[: i + 1], generation_prompt=False))
         labels[start:end] = ids[start:end]
     return ids, labels
+
+
+def tokenize_records(tokenizer, records: list[Record]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) for each record, tokenized in one batched call per kind.
+
+    Plain text is trained on entirely (and ends with EOS). A conversation goes through the chat template and
+    only its assistant turns are trained on: each token that starts inside an answer's character span.
+    """
+    out: list = [None] * len(records)
+    texts = [(i, r.text) for i, r in enumerate(records) if r.text is not None]
+    if texts:
+        encoded = tokenizer([t for _, t in texts], add_special_tokens=True)["input_ids"]
+        for (i, _), ids in zip(texts, encoded):
+            ids = list(ids) + [tokenizer.eos_token_id]
+            out[i] = (ids, list(ids))
+    chats = [(i, r.messages) for i, r in enumerate(records) if r.text is None]
+    if chats and not tokenizer.chat_template:
+        raise BadInput("the base model's tokenizer has no chat template; give plain `text` records instead")
+    rendered = []
+    for i, messages in chats:
+        spans = _answer_spans(tokenizer, messages)
+        if spans is None:
+            out[i] = _tokenwise(tokenizer, messages)
+        else:
+            rendered.append((i, *spans))
+    if rendered:
+        encoded = tokenizer([full for _, full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        for (i, _, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+            labels = [IGNORE] * len(ids)
+            for j, (begin, _end) in enumerate(offsets):
+                if any(start <= begin < end for start, end in spans):
+                    labels[j] = ids[j]
+            out[i] = (list(ids), labels)
+    return out
 
 
 def pack(samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

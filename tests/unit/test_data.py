@@ -1,4 +1,5 @@
-"""fedtune.data: reading raw files, filters and PII scrubbing, tokenize + pack, and prepare_site."""
+"""fedtune.data: reading raw files, length filter and duplicate key, tokenize + pack, and prepare_site
+(PII scrubbing itself is covered in test_pii.py, the prepare pipeline's stages in test_prepare_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from conftest import site_records, write_jsonl
 from fedtune import models
 from fedtune.artifacts import sha256_file
 from fedtune.data import prepare_site
-from fedtune.data.filters import length_verdict, normalized_key, scrub_pii, scrub_record
+from fedtune.data.dedup import exact_key, normalize
+from fedtune.data.quality import length_verdict
 from fedtune.data.sources import Record, read_records
+from fedtune.data.stages import _record_parts
 from fedtune.data.tokenize import IGNORE, pack, tokenize_record
 from fedtune.errors import BadInput
 
@@ -187,6 +190,16 @@ def test_length_verdict():
     assert length_verdict(chat("Q", "A"), 8, 100) == "too_short"
 
 
+def normalized_key(record: Record) -> int:
+    """The exact-duplicate key `prepare` gives a record (see analyze_batch)."""
+    return exact_key(normalize(_record_parts(record)))
+
+
+def test_record_parts_name_the_role():
+    assert _record_parts(Record(text="Plain text.")) == ["Plain text."]
+    assert _record_parts(chat("Q?", "A.")) == ["user\x1fQ?", "assistant\x1fA."]
+
+
 def test_normalized_key_ignores_case_and_whitespace():
     a = normalized_key(Record(text="Hello   World\n again"))
     assert a == normalized_key(Record(text="hello world again"))
@@ -199,68 +212,8 @@ def test_normalized_key_ignores_case_and_whitespace():
     assert c1 != normalized_key(Record(messages=[{"role": "assistant", "content": "What is X?"},
                                                  {"role": "user", "content": "It is Y."}]))
     assert c1 != normalized_key(Record(text="What is X? It is Y."))
-
-
-@pytest.mark.parametrize("raw, label", [
-    ("jane.doe@example.com", "EMAIL"),
-    ("a.b+tag@mail.hospital-example.co.uk", "EMAIL"),
-    ("+44 20 7946 0958", "PHONE"),
-    ("+1-415-555-2671", "PHONE"),
-    ("+14155552671", "PHONE"),
-    ("+49 30 12345678", "PHONE"),
-    ("+49 (0)30 1234 5678", "PHONE"),
-    ("(555) 123-4567", "PHONE"),
-    ("555-123-4567", "PHONE"),
-    ("030 1234 5678", "PHONE"),
-    ("07946 095858", "PHONE"),
-    ("4111 1111 1111 1111", "CARD_NUMBER"),
-    ("4111111111111111", "CARD_NUMBER"),
-    ("5500-0000-0000-0004", "CARD_NUMBER"),
-    ("GB82 WEST 1234 5698 7654 32", "IBAN"),
-    ("DE89370400440532013000", "IBAN"),
-    ("DE89 3704 0044 0532 0130 00", "IBAN"),
-])
-def test_scrub_pii_replaces(raw, label):
-    counts: dict[str, int] = {}
-    out = scrub_pii(f"Please use {raw} for this.", counts)
-    assert out == f"Please use <{label}> for this."
-    assert counts == {label: 1}
-
-
-def test_scrub_pii_counts_by_type_and_accumulates():
-    counts = {"EMAIL": 2}
-    text = ("Mail jane@example.org or bob@example.net, call +44 20 7946 0958 or (555) 123-4567, "
-            "card 4111 1111 1111 1111, IBAN GB82 WEST 1234 5698 7654 32.")
-    out = scrub_pii(text, counts)
-    assert counts == {"EMAIL": 4, "PHONE": 2, "CARD_NUMBER": 1, "IBAN": 1}
-    assert out == ("Mail <EMAIL> or <EMAIL>, call <PHONE> or <PHONE>, card <CARD_NUMBER>, IBAN <IBAN>.")
-
-
-@pytest.mark.parametrize("text", [
-    "The patient was seen on Tuesday and felt better.",
-    "Follow-up on 2024-01-31, then again on 2024-02-28.",
-    "Logged at 2024-01-31 12:30:45 by the night shift.",
-    "Due 31.01.2024, paid 01-31-2024, booked 2024.01.31.",
-    "Diagnosis E11.9 (type 2 diabetes), also I10 and S72.001A.",
-    "The invoice totals $1,250.00 and EUR 1.250.000,00 plus 3.5 kg of 12 items.",
-    "Version 1.2.3 was released in 2024 with 1500 fixes.",
-    "Card 4111 1111 1111 1112 fails the Luhn check.",
-    "Card 1234567812345678 fails the Luhn check.",
-    "Room 12, floor 3, 45 beds, 10:30 start.",
-])
-def test_scrub_pii_leaves_ordinary_text_alone(text):
-    counts: dict[str, int] = {}
-    assert scrub_pii(text, counts) == text
-    assert counts == {}
-
-
-def test_scrub_record_both_shapes():
-    counts: dict[str, int] = {}
-    rec = scrub_record(chat("Reach me at x@y.org", "Call +44 20 7946 0958"), counts)
-    assert rec.messages == [{"role": "user", "content": "Reach me at <EMAIL>"},
-                            {"role": "assistant", "content": "Call <PHONE>"}]
-    assert scrub_record(Record(text="x@y.org"), counts) == Record(text="<EMAIL>")
-    assert counts == {"EMAIL": 2, "PHONE": 1}
+    # a signed 64-bit value: it is stored in an Arrow int64 column
+    assert all(-(2**63) <= k < 2**63 for k in (a, c1))
 
 
 # --- tokenize and pack -----------------------------------------------------------------------------
@@ -369,7 +322,7 @@ def test_pack_real_records(tokenizer):
 
 EMAIL = "jane.doe@clinic-example.org"
 PHONE_INTL = "+44 20 7946 0958"
-PHONE_US = "(555) 123-4567"
+PHONE_US = "(415) 555-2671"  # a number valid in the US plan (555-01xx and (555) prefixes are not)
 CARD = "4111 1111 1111 1111"
 DISTINCTIVE = "The zebra-crossing protocol applies to quartz-9 wards only."
 
@@ -416,7 +369,7 @@ def test_prepare_site_writes_card_and_splits(federation, site_files, tmp_path, t
     on_disk = json.loads((out / "data_card.json").read_text())
     assert on_disk == card
 
-    assert card["format"] == "fedtune.data_card/1" and card["site"] == "clinic"
+    assert card["format"] == "fedtune.data_card/2" and card["site"] == "clinic"
     assert card["sources"] == [{"name": "clinic.jsonl", "sha256": sha256_file(site_files["clinic"]), "records": 40}]
     assert card["records"]["read"] == 40 and card["records"]["kept"] == 40
     assert card["records"]["train"] + card["records"]["eval"] == 40
@@ -427,6 +380,20 @@ def test_prepare_site_writes_card_and_splits(federation, site_files, tmp_path, t
     assert card["tokenizer"]["fingerprint"] == models.tokenizer_fingerprint(tokenizer)
     assert card["tokenizer"]["chat_template"] is True
     assert card["base_model"] == {"id": config.base_model.id, "sha256": config.base_model.sha256}
+    # card format 2: languages, record lengths, the filters that ran, the data contract, the time taken
+    assert card["languages"] == {"kept": {"en": 40}, "dropped": {}}
+    lengths = card["token_lengths"]
+    assert sum(lengths["histogram"].values()) == 40
+    assert 0 < lengths["mean"] <= lengths["max"]
+    assert lengths["mean"] == pytest.approx((card["tokens"]["train"]["total"] + card["tokens"]["eval"]["total"]) / 40, abs=0.05)
+    assert card["filters"] == {"min_chars": config.data.min_chars, "max_chars": config.data.max_chars,
+                               "languages": ["en"], "quality": [], "dedup": config.data.dedup.model_dump(mode="json")}
+    contract = card["contract"]
+    assert contract["satisfied"] is True and contract["problems"] == []
+    assert contract["tokenizer"] == config.contract.tokenizer == card["tokenizer"]["fingerprint"]
+    assert contract["chat_template"] == config.contract.chat_template
+    assert contract["seq_len"] == 32 and contract["trained_tokens"] == card["tokens"]["train"]["trained"]
+    assert card["seconds"] >= 0
 
     for split in ("train", "eval"):
         table = pq.read_table(out / f"{split}.parquet")
@@ -455,14 +422,14 @@ def test_prepare_site_drops_and_scrubs(federation, tmp_path, tokenizer):
     assert card["records"]["read"] == 52
     assert card["dropped"] == {"duplicate": 2, "empty": 2, "no_answer": 1, "too_short": 2}
     assert card["records"]["kept"] == 52 - 7 == card["records"]["train"] + card["records"]["eval"]
-    assert card["pii_replaced"] == {"CARD_NUMBER": 1, "EMAIL": 2, "PHONE": 2}
+    assert card["pii_replaced"] == {"CARD": 1, "EMAIL": 2, "PHONE": 2}
 
     blob = written_bytes(out)
     decoded = decoded_tokens(out, tokenizer)
-    for secret in (EMAIL, PHONE_INTL, PHONE_US, CARD, "jane.doe", "7946 0958", "123-4567"):
+    for secret in (EMAIL, PHONE_INTL, PHONE_US, CARD, "jane.doe", "7946 0958", "555-2671"):
         assert secret.encode() not in blob, f"{secret} written to disk"
         assert secret not in decoded, f"{secret} survives in the tokens"
-    for placeholder in ("<EMAIL>", "<PHONE>", "<CARD_NUMBER>"):
+    for placeholder in ("<EMAIL>", "<PHONE>", "<CARD>"):
         assert placeholder in decoded
     assert decoded.count("<PHONE>") == 2 and decoded.count("<EMAIL>") == 2
     # the records themselves did make it into the tokens (so the checks above are meaningful)
@@ -558,6 +525,8 @@ def test_records_differing_only_in_pii_are_duplicates_after_scrubbing(federation
             for name in ("anna", "bert", "carl")]
     rows += [{"instruction": f"Question {i} about dev tests?", "output": f"Answer {i} about tests."} for i in range(6)]
     card = prepare_site(config, "clinic", [write_jsonl(tmp_path / "pii.jsonl", rows)], tmp_path / "out")
-    assert card["dropped"]["duplicate"] == 2
-    assert card["pii_replaced"]["EMAIL"] == 3
+    assert card["dropped"] == {"duplicate": 2}
+    # the card counts the PII replaced in the data written: the kept record's one address, not the
+    # addresses of the two copies dropped after scrubbing made them equal
+    assert card["pii_replaced"] == {"EMAIL": 1}
     assert card["records"]["kept"] == 7
