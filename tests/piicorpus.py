@@ -106,7 +106,8 @@ def _gb_phone(rng: random.Random, international: bool) -> str:
         a, b = "7" + _digits(rng, 3, "45789"), _digits(rng, 6)
         b = rng.choice([b, f"{b[:3]} {b[3:]}"])
     else:
-        a, b = rng.choice(["161", "131", "117", "113", "121", "141", "151"]), _digits(rng, 3, "2345679") + " " + _digits(rng, 4)
+        a = rng.choice(["161", "131", "117", "113", "121", "141", "151"])
+        b = _digits(rng, 3, "2345679") + " " + _digits(rng, 4)
     if international:
         return rng.choice([f"+44 {a} {b}", f"+44 (0){a} {b}", f"+44 (0) {a} {b}"])
     return rng.choice([f"0{a} {b}", f"(0{a}) {b}"] + ([f"0{a}-{b.replace(' ', '-')}"] if kind != "mobile" else []))
@@ -203,7 +204,7 @@ def _iban_check_digits(country: str, bban: str) -> str:
 
 def _es_ccc_digit(digits: str) -> str:
     weights = [1, 2, 4, 8, 5, 10, 9, 7, 3, 6]
-    value = 11 - sum(w * int(d) for w, d in zip(weights[-len(digits):], digits)) % 11
+    value = 11 - sum(w * int(d) for w, d in zip(weights[-len(digits):], digits, strict=True)) % 11
     return {10: "1", 11: "0"}.get(value, str(value))
 
 
@@ -222,14 +223,17 @@ def _it_cin(abi: str, cab: str, account: str) -> str:
 
 def _bban(rng: random.Random, country: str) -> str:
     if country == "DE":
-        return rng.choice(["37040044", "10010010", "50010517", "20041133", "70150000", "12030000", "43060967"]) + _digits(rng, 10)
+        bank = rng.choice(["37040044", "10010010", "50010517", "20041133", "70150000", "12030000", "43060967"])
+        return bank + _digits(rng, 10)
     if country == "GB":
         return rng.choice(["NWBK", "BARC", "LOYD", "HBUK", "MIDL", "NAIA", "MONZ"]) + _digits(rng, 6) + _digits(rng, 8)
     if country == "FR":
-        bank, branch, account = rng.choice(["30006", "30003", "20041", "10278", "30004"]), _digits(rng, 5), _digits(rng, 11)
+        bank = rng.choice(["30006", "30003", "20041", "10278", "30004"])
+        branch, account = _digits(rng, 5), _digits(rng, 11)
         return bank + branch + account + _fr_rib_key(bank, branch, account)
     if country == "ES":
-        bank, branch, account = rng.choice(["2100", "0049", "0182", "2038", "0081", "1465"]), _digits(rng, 4), _digits(rng, 10)
+        bank = rng.choice(["2100", "0049", "0182", "2038", "0081", "1465"])
+        branch, account = _digits(rng, 4), _digits(rng, 10)
         return bank + branch + _es_ccc_digit("00" + bank + branch) + _es_ccc_digit(account) + account
     if country == "IT":
         abi, cab, account = rng.choice(["03069", "02008", "05034", "01030", "03062"]), _digits(rng, 5), _digits(rng, 12)
@@ -419,7 +423,8 @@ def corpus(seed: int = 0, records: int = 1100) -> tuple[list[dict], list[Planted
         shape = len(rows) % 5
         if shape in (0, 1):  # instruction/output: the PII in the answer, sometimes in the question too
             if len(sentences) > 1 and rng.random() < 0.5:
-                row = {"instruction": f"{question} {sentences[0]}", "output": " ".join([prose[0], *sentences[1:], prose[1]])}
+                row = {"instruction": f"{question} {sentences[0]}",
+                       "output": " ".join([prose[0], *sentences[1:], prose[1]])}
             else:
                 row = {"instruction": question, "output": " ".join([prose[0], *sentences, prose[1]])}
         elif shape == 2:  # a conversation with the values spread over the turns
@@ -458,7 +463,8 @@ def _clean_numbers(rng: random.Random) -> dict[str, str]:
         "room": str(rng.randint(1, 9) * 100 + rng.randint(1, 40)), "floor": str(rng.randint(1, 12)),
         "icd": rng.choice(["E11.9", "I10", "J45.909", "M54.5", "K21.0", "F32.1", "N39.0", "Z00.00", "S52.501A"]),
         "version": f"{rng.randint(1, 12)}.{rng.randint(0, 30)}.{rng.randint(0, 99)}",
-        "order": f"#{rng.randint(100, 99999)}", "ticket": f"{rng.choice(['JIRA', 'OPS', 'BANK', 'CLIN'])}-{rng.randint(10, 9999)}",
+        "order": f"#{rng.randint(100, 99999)}",
+        "ticket": f"{rng.choice(['JIRA', 'OPS', 'BANK', 'CLIN'])}-{rng.randint(10, 9999)}",
         "bp": f"{rng.randint(100, 160)}/{rng.randint(60, 100)}", "temp": f"{rng.randint(36, 39)}.{rng.randint(0, 9)}",
         "port": str(rng.choice([22, 80, 443, 5432, 6379, 8080, 8443, 9090])),
         "ms": str(rng.randint(5, 2500)), "gb": str(rng.choice([4, 8, 16, 32, 64, 128, 256, 512])),

@@ -18,6 +18,7 @@ import numpy as np
 
 _WORD = re.compile(r"\w+")
 SEED = 1234  # fixed so that the same text gets the same signature on every site and run
+WINDOW = 32  # earlier records of the same band bucket each record is compared with
 
 
 def normalize(parts: list[str]) -> str:
@@ -85,8 +86,10 @@ def near_duplicates(sig: np.ndarray, positions: np.ndarray, threshold: float, ch
     for start in range(0, n, chunk):
         keys[start:start + chunk] = _band_hashes(np.asarray(sig[positions[start:start + chunk]]), bands, rows)
 
-    # Candidate pairs: within each band, every record whose key equals an earlier record's is paired with
-    # the first record that has that key (a stable sort keeps reading order inside a run of equal keys).
+    # Candidate pairs: within each band, records with equal keys form a bucket (a stable sort keeps reading
+    # order inside it). Each record is paired with the bucket's first record and with up to WINDOW records
+    # just before it, so two near-duplicates behind a less similar first record are still compared, and a
+    # huge bucket of templated records costs WINDOW comparisons per record, not its size.
     pairs = []
     for band in range(bands):
         order = np.argsort(keys[:, band], kind="stable")
@@ -99,6 +102,11 @@ def near_duplicates(sig: np.ndarray, positions: np.ndarray, threshold: float, ch
         run_start[starts] = starts
         run_start = np.maximum.accumulate(run_start)
         pairs.append(np.stack([order[run_start[same]], order[same]], axis=1))
+        for back in range(1, WINDOW + 1):
+            behind = same[same - back > run_start[same]]
+            if not len(behind):
+                break
+            pairs.append(np.stack([order[behind - back], order[behind]], axis=1))
     if not pairs:
         return np.zeros(n, dtype=bool)
     pairs = np.unique(np.concatenate(pairs), axis=0)

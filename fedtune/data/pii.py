@@ -63,6 +63,12 @@ _MASTERCARD_2 = r"\b(?:222[1-9]|22[3-9]\d|2[3-6]\d{2}|27[01]\d|2720)[- ]?\d{4}[-
 _DATE = re.compile(r"[0-3]?\d([./-])[01]?\d\1(?:19|20)?\d{2}|(?:19|20)\d{2}([./-])[01]?\d\2[0-3]?\d")
 
 
+def _partly_overlap(a, b) -> bool:
+    """Spans that overlap without one holding the other."""
+    return a.start < b.end and b.start < a.end and not (a.start <= b.start and b.end <= a.end) \
+        and not (b.start <= a.start and a.end <= b.end)
+
+
 def _phone_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     """The span of a phone-number match without an unbalanced bracket phonenumbers took along (the '(' of
     '(601-30-0336)'), or None for a date."""
@@ -119,6 +125,17 @@ class _NoContext(ContextAwareEnhancer):
         return raw_results
 
 
+class _Iban(pr.IbanRecognizer):
+    """Presidio tries a match with and without its optional last groups and keeps the first its own check
+    accepts; that check can pass 'ES29…2195 W' (an IBAN before a capitalised word), which stdnum then rejects,
+    losing the IBAN. With stdnum's check here, the shorter, valid span is kept."""
+
+    _check = staticmethod(_stdnum_check("iban"))
+
+    def validate_result(self, pattern_text: str) -> bool:
+        return self._check(pattern_text)
+
+
 class _Phones(pr.PhoneRecognizer):
     def analyze(self, text, entities, nlp_artifacts=None):
         return super().analyze(text, entities, nlp_artifacts) if _PHONE_CANDIDATE.search(text) else []
@@ -131,7 +148,8 @@ class DenyListTerms:
     number of terms, so a deny-list of thousands of patient names stays cheap.
     """
 
-    WORD = re.compile(r"\w+(?:[-'.]\w+)*")
+    # Joiners keep "Mary-Jane" and "O'Brien" one word; a possessive 's is not part of the word ("Okonkwo's").
+    WORD = re.compile(r"\w+(?:[-.]\w+|'(?!s\b)\w+)*")
 
     def __init__(self, terms: list[str]):
         self.terms = {self._key(t) for t in terms if t.strip()}
@@ -201,7 +219,7 @@ class PiiScrubber:
             card_patterns = [*pr.CreditCardRecognizer.PATTERNS, Pattern("Mastercard 2-series", _MASTERCARD_2, 0.3)]
             table.append((pr.CreditCardRecognizer(patterns=card_patterns), "CARD", _card_ok))
         if "IBAN" in wanted:
-            table.append((pr.IbanRecognizer(), "IBAN", _stdnum_check("iban")))
+            table.append((_Iban(), "IBAN", _stdnum_check("iban")))
         if "IP" in wanted:
             table.append((pr.IpRecognizer(), "IP", None))
         if "NATIONAL_ID" in wanted:
@@ -257,6 +275,12 @@ class PiiScrubber:
                     continue  # a checksum says this is not the ID it looks like
                 result.score = 1.0  # a confirmed checksum outranks an overlapping phone-number guess
             confirmed.append(result)
+        checked = [r for r in confirmed if r.entity_type in self._validator]
+        if checked and len(confirmed) > len(checked):
+            # A phone-number guess that runs into a confirmed ID from one side holds part of the ID and the
+            # text beside it ('… 1752 24' of an IBAN + ' 2 days'); Presidio keeps both, so the text beside goes too.
+            confirmed = [r for r in confirmed if self._placeholder.get(r.entity_type) != "PHONE"
+                         or not any(_partly_overlap(r, c) for c in checked)]
         if not confirmed:
             return text
         result = self._anonymizer.anonymize(text, confirmed, operators=self._operators)

@@ -108,6 +108,24 @@ class _Packer:
             self._writer.close()
 
 
+def _array(column) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _batches(dataset, columns: list[str]):
+    """The dataset's record batches, read from its Arrow files with plain reads rather than through the
+    memory map, so pages already read do not stay resident in this process (a multi-GB input stays
+    out of its memory)."""
+    files = [f["filename"] for f in dataset.cache_files]
+    if dataset._indices is not None or not files:
+        yield from dataset.select_columns(columns).with_format("arrow").iter(batch_size=65536)
+        return
+    for name in files:
+        with pa.OSFile(name) as source:
+            for batch in pa.ipc.open_stream(source):
+                yield batch.select(columns)
+
+
 def _histogram(lengths: np.ndarray) -> dict[str, int]:
     """Record lengths in tokens, in power-of-two bins."""
     if not len(lengths):
@@ -239,8 +257,8 @@ def prepare_site(
             packer = _Packer(None if dry_run else staging / f"{name}.parquet", config.seq_len, tokenizer.pad_token_id)
             total = trained = 0
             lengths = []
-            for batch in tokenized.with_format("arrow").iter(batch_size=8192):
-                ids_col, labels_col = batch.column("input_ids").combine_chunks(), batch.column("labels").combine_chunks()
+            for batch in _batches(tokenized, ["input_ids", "labels"]):
+                ids_col, labels_col = _array(batch.column("input_ids")), _array(batch.column("labels"))
                 ids_flat = ids_col.flatten().to_numpy().astype(np.int32)
                 labels_flat = labels_col.flatten().to_numpy().astype(np.int32)
                 packer.add(ids_flat, labels_flat)
@@ -305,8 +323,7 @@ def _select(analyzed, settings, work: Path, log, site: str):
     sig_path = work / "signatures.u32"
     with open(sig_path, "wb") as sig_file:
         start = 0
-        columns = analyzed.select_columns(["drop", "key", "source", "signature", "lang"]).with_format("arrow")
-        for batch in columns.iter(batch_size=65536):
+        for batch in _batches(analyzed, ["drop", "key", "source", "signature", "lang"]):
             size = batch.num_rows
             drops = batch.column("drop").to_pylist()
             langs = batch.column("lang").to_pylist()
@@ -320,7 +337,7 @@ def _select(analyzed, settings, work: Path, log, site: str):
                     if d == "language":
                         dropped_langs[lang] += 1
             if settings.dedup.near and ok.any():
-                sig = batch.column("signature").combine_chunks().filter(pa.array(ok)).flatten().to_numpy()
+                sig = _array(batch.column("signature")).filter(pa.array(ok)).flatten().to_numpy()
                 sig = sig.astype(np.uint32)
                 sig_file.write(sig.tobytes())
             start += size
@@ -346,7 +363,7 @@ def _select(analyzed, settings, work: Path, log, site: str):
     kept_mask = np.zeros(n, dtype=bool)
     kept_mask[keep] = True
     start = 0
-    for batch in analyzed.select_columns(["pii", "lang"]).with_format("arrow").iter(batch_size=65536):
+    for batch in _batches(analyzed, ["pii", "lang"]):
         size = batch.num_rows
         flags = kept_mask[start:start + size]
         for flag, counts, lang in zip(flags.tolist(), batch.column("pii").to_pylist(), batch.column("lang").to_pylist()):

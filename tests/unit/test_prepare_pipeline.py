@@ -10,20 +10,32 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import (
+    TINY_OVERRIDES,
+    TOPICS,
+    run_cli,
+    site_records,
+    tree_digest,
+    write_jsonl,
+)
 
 import fedtune.data.prepare as prepare_module
-from conftest import TINY_OVERRIDES, TOPICS, run_cli, site_records, tree_digest, write_jsonl
 from fedtune import models
 from fedtune.config import FederationConfig, parse_model
 from fedtune.data import prepare_site
-from fedtune.data.dedup import bands_for, near_duplicates, normalize, shingles, signatures
+from fedtune.data.dedup import (
+    bands_for,
+    near_duplicates,
+    normalize,
+    shingles,
+    signatures,
+)
 
 SITE = "clinic"
 
@@ -138,7 +150,8 @@ SHORT_QA = [
     ("What time does the bus leave?", "Every twenty minutes from the main square."),
     ("Is it safe to swim after eating?", "Yes, the old warning is a myth."),
     ("How do I back up my phone?", "Turn on cloud backup in the settings or copy it to a computer."),
-    ("What is the Pythagorean theorem?", "In a right triangle, the square of the hypotenuse equals the sum of the other two squares."),
+    ("What is the Pythagorean theorem?",
+     "In a right triangle, the square of the hypotenuse equals the sum of the other two squares."),
     ("Who was the first president of the United States?", "George Washington."),
     ("How do I unclog a drain?", "Try boiling water first, then a plunger."),
     ("What is a carbon footprint?", "The greenhouse gases your activities produce."),
@@ -231,21 +244,21 @@ SHORT_FOREIGN = [("Danke!", "Bitte sehr."), ("Merci !", "De rien."), ("¿Qué ta
 
 # Long English documents that pass datatrove's Gopher quality filter.
 LONG_DOCS = [
-    "The old mill by the river has been turned into a small museum. Visitors can see how grain was ground into "
-    "flour for the town, and a volunteer explains how the water wheel worked. The building was repaired after the "
-    "flood of 1998, and most of the original machinery still turns. On weekends there is a short tour for "
-    "children, and the cafe sells bread baked with flour from the mill.",
-    "When you move to a new city, it helps to learn the bus routes before you need them. Most cities publish a map "
-    "of the network online, and a monthly pass is usually cheaper than single tickets if you travel to work every "
-    "day. Ask your neighbours which lines are reliable, and keep a little cash with you in case the ticket machine "
-    "is out of order.",
-    "Our team spent the spring planning the new garden behind the school. The children chose the plants, measured "
-    "the beds and wrote labels for each row. By the end of June the beans had climbed the fence, and the "
-    "sunflowers were taller than the teachers. We will share the harvest with the kitchen and hope to plant again "
-    "with the next class in the autumn.",
-    "A good recipe for soup starts with onions cooked slowly in butter until they are soft and sweet. Add carrots, "
-    "celery and a little garlic, then pour in stock and let it simmer for half an hour. Season it at the end, "
-    "because the stock may already be salty, and serve it with fresh bread and a spoon of cream on top.",
+    ("The old mill by the river has been turned into a small museum. Visitors can see how grain was ground into "
+     "flour for the town, and a volunteer explains how the water wheel worked. The building was repaired after the "
+     "flood of 1998, and most of the original machinery still turns. On weekends there is a short tour for "
+     "children, and the cafe sells bread baked with flour from the mill."),
+    ("When you move to a new city, it helps to learn the bus routes before you need them. Most cities publish a map "
+     "of the network online, and a monthly pass is usually cheaper than single tickets if you travel to work every "
+     "day. Ask your neighbours which lines are reliable, and keep a little cash with you in case the ticket machine "
+     "is out of order."),
+    ("Our team spent the spring planning the new garden behind the school. The children chose the plants, measured "
+     "the beds and wrote labels for each row. By the end of June the beans had climbed the fence, and the "
+     "sunflowers were taller than the teachers. We will share the harvest with the kitchen and hope to plant again "
+     "with the next class in the autumn."),
+    ("A good recipe for soup starts with onions cooked slowly in butter until they are soft and sweet. Add carrots, "
+     "celery and a little garlic, then pour in stock and let it simmer for half an hour. Season it at the end, "
+     "because the stock may already be salty, and serve it with fresh bread and a spoon of cream on top."),
 ]
 
 # Synthetic site reports: ~90 words each, many sharing an opening sentence (a topic) and vocabulary.
@@ -451,13 +464,21 @@ def test_near_duplicates_matches_brute_force():
         copy, _, _ = near_copy(base[i], NEAR_KINDS[k % 4], MARKERS[k % len(MARKERS)])
         after = texts.index(" ".join(base[i]))
         texts.insert(rng.randrange(after + 1, len(texts) + 1), " ".join(copy))
-    # a chain: B is near A and C is near B, so both B and C go though C may be further from A
-    words = texts[0].split(" ")
-    b = " ".join(words[:20] + ["zeppelin"] + words[21:])
-    c = " ".join(words[:20] + ["zeppelin"] + words[21:40] + ["harmonica"] + words[41:])
-    texts[1:1] = [b, c]
+    # a chain: B is near A and C near B, but C is not near A; all three are one group, A kept
+    def changed(words: list[str], at: list[int], new: list[str]) -> list[str]:
+        words = list(words)
+        for i, word in zip(at, new):
+            words[i] = word
+        return words
+
+    a = texts[0].split(" ")
+    b = changed(a, [20, 55], ["zeppelin", "harmonica"])
+    c = changed(b, [35, 75], ["tangerine", "xylophone"])
+    texts[1:1] = [" ".join(b), " ".join(c)]
     sig = np.array(signatures([normalize([t]) for t in texts], 3, 128), dtype=np.uint32)
     assert sig.shape == (len(texts), 128) == (302, 128)
+    similar = (sig[:3, None] == sig[None, :3]).mean(axis=2)
+    assert similar[0, 1] >= 0.8 and similar[1, 2] >= 0.8 and similar[0, 2] < 0.8
 
     expected = brute_force_near(sig, 0.8)
     assert expected.sum() == 32  # every planted copy, nothing else: the reports share vocabulary, not text
@@ -472,9 +493,6 @@ def test_near_duplicates_matches_brute_force():
     assert near_duplicates(sig, positions[:1], 0.8).tolist() == [False]
 
 
-@pytest.mark.xfail(strict=True, reason="near_duplicates pairs each record of a band run only with the run's first "
-                   "record, so two near-duplicates whose shared bands all start with a third, less similar record "
-                   "are never compared")
 def test_near_duplicates_compares_records_behind_the_first_of_a_band():
     """A; B, an edit of A (estimated Jaccard 0.75, kept); C, a near copy of B (0.88, to drop) that is
     further from A (0.66). Every band B and C share, A shares too, and A comes first."""
@@ -493,6 +511,21 @@ def test_near_duplicates_compares_records_behind_the_first_of_a_band():
     assert similar[0, 1] == 0.75 and similar[1, 2] == pytest.approx(0.883, abs=1e-3) and similar[0, 2] < 0.7
     assert brute_force_near(sig, 0.8).tolist() == [False, False, True]
     assert near_duplicates(sig, np.arange(3), 0.8).tolist() == [False, False, True]
+
+
+def test_near_duplicates_in_a_large_bucket_compares_neighbours():
+    """A bucket far larger than the comparison window (templated records sharing one band): each record is
+    still compared with the records just before it, so a near copy placed right behind its original is found."""
+    from fedtune.data.dedup import WINDOW
+
+    rng = np.random.default_rng(2)
+    num_perm, rows = 128, 8
+    count = 4 * WINDOW
+    sig = rng.integers(0, 2**32, size=(count, num_perm), dtype=np.uint32)
+    sig[:, :rows] = sig[0, :rows]  # every record shares the first band: one bucket of `count` records
+    sig[-1] = sig[-2]
+    sig[-1, rows::rows] ^= 1  # a near copy of the one before (113/128 agree) sharing no band but the big one
+    assert near_duplicates(sig, np.arange(count), 0.8).tolist() == [False] * (count - 1) + [True]
 
 
 @pytest.mark.parametrize("num_perm", [16, 64, 128, 256, 1024])
@@ -577,7 +610,7 @@ def language_rows() -> tuple[list[dict], int]:
     """English records, the foreign sentences (as text and as instructions) and short foreign exchanges."""
     english = site_records(SITE, 30)
     foreign = []
-    for lang, sentences in FOREIGN.items():
+    for sentences in FOREIGN.values():
         for i, sentence in enumerate(sentences):
             foreign.append({"text": sentence} if i % 2 else {"instruction": sentence, "output": sentence})
     rows = [row for pair in itertools.zip_longest(english, foreign) for row in pair if row]
@@ -594,6 +627,8 @@ def test_foreign_records_are_dropped_under_language(fed, tmp_path, tokenizer):
     assert card["dropped"] == {"language": foreign}
     assert card["languages"]["dropped"] == {lang: len(s) for lang, s in FOREIGN.items()}
     # short records are not judged (a guess on a few letters is noise): kept, their language undetermined
+    letters = fed.config.data.language_min_letters
+    assert all(sum(ch.isalpha() for ch in q + a) < letters for q, a in SHORT_FOREIGN)
     assert card["languages"]["kept"] == {"en": english, "und": len(SHORT_FOREIGN)}
     assert card["records"]["kept"] == english + len(SHORT_FOREIGN)
     decoded = decoded_tokens(out, tokenizer)
@@ -672,7 +707,7 @@ def train_local_args(config: Path, data: Path, fed, updates: Path) -> list:
 
 def test_train_local_accepts_data_that_meets_the_contract(fed, prepared, tmp_path, capsys):
     data, _card = prepared
-    code, out, err = run_cli(train_local_args(fed.yaml, data, fed, tmp_path / "updates"), capsys)
+    code, _out, err = run_cli(train_local_args(fed.yaml, data, fed, tmp_path / "updates"), capsys)
     assert code == 0, err
     assert (tmp_path / "updates" / "round-0001" / SITE / "manifest.json").is_file()
 
@@ -791,7 +826,8 @@ def mixed_rows() -> list[dict]:
     rows += [as_row(r, i) for i, r in enumerate(reps)]
     rows += [as_row(near_copy(reps[3], "one-word", "polished")[0], 3), dict(rows[5]), {"text": ""}]
     rows += [{"text": s} for s in FOREIGN["de"][:4]]
-    rows += [{"instruction": "Who handles billing?", "output": "Write to jane.doe@clinic-example.org or call +44 20 7946 0958."}]
+    rows += [{"instruction": "Who handles billing?",
+              "output": "Write to jane.doe@clinic-example.org or call +44 20 7946 0958."}]
     return rows
 
 
