@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import numpy as np
 
 from fedtune.data.sources import Record
@@ -81,10 +83,11 @@ def tokenize_records(tokenizer, records: list[Record]) -> list[tuple[list[int], 
     if rendered:
         encoded = tokenizer([full for _, full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         for (i, _, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+            begins = [begin for begin, _end in offsets]  # non-decreasing: the tokens in text order
             labels = [IGNORE] * len(ids)
-            for j, (begin, _end) in enumerate(offsets):
-                if any(start <= begin < end for start, end in spans):
-                    labels[j] = ids[j]
+            for start, end in spans:
+                first, last = bisect_left(begins, start), bisect_left(begins, end)
+                labels[first:last] = ids[first:last]
             out[i] = (list(ids), labels)
     return out
 

@@ -495,3 +495,18 @@ def test_ner_model_names_become_person(fed, tokenizer, always_person_model, tmp_
     for name in ("Ximena", "Okafor", "Quentin", "Lindqvist"):
         assert name not in text
     assert card["contract"]["pii_policy"]["person_names_by_ner"] is True
+
+
+def test_an_international_number_that_passes_luhn_is_a_phone(scrubber):
+    """+49 1516 3201630 is a German mobile whose digits also pass the card checksum; the '+' decides."""
+    counts = Counter()
+    assert scrubber.scrub("Call +4915163201630 today.", counts) == "Call <PHONE> today."
+    assert counts == {"PHONE": 1}
+
+
+def test_a_card_beside_a_phone_number_keeps_both_types(scrubber):
+    """Phones are looked for outside confirmed IDs: the card stays <CARD>, the phone after it <PHONE>."""
+    counts = Counter()
+    text = "Card 4111 1111 1111 1111, call +44 20 7946 0958."
+    assert scrubber.scrub(text, counts) == "Card <CARD>, call <PHONE>."
+    assert counts == {"CARD": 1, "PHONE": 1}
