@@ -8,7 +8,7 @@
 Records are instruction pairs, conversations and plain paragraphs about clinics, banks and software; about one
 in four holds an email, phone number, card number, IBAN, IP address or SSN; a few percent are exact or near
 copies of earlier records. Each configuration runs `fedtune prepare` as its own process (what a site runs);
-peak memory is sampled every 0.1 s over that process and its workers, as PSS (shared pages counted once)
+peak memory is sampled every 0.5 s over that process and its workers, as PSS (shared pages counted once)
 and as the plain sum of their RSS (shared pages counted in every process: an upper bound).
 The peer is Presidio's BatchAnalyzerEngine + BatchAnonymizerEngine with the same recognizers, one process,
 on a sample of the same records: the PII step alone, as Presidio's documentation runs it.
@@ -162,11 +162,13 @@ def federation(folder: Path, near: bool) -> Path:
     return path
 
 
-def _tree_memory(process: psutil.Process) -> tuple[int, int]:
-    """(resident, proportional) bytes of a process and its workers. Forked workers share the parent's pages,
-    so the resident sum counts those pages once per process (an upper bound); the proportional set size
-    (PSS) splits each shared page among the processes that map it, so its sum counts every page once."""
-    rss = pss = 0
+def _tree_memory(process: psutil.Process) -> tuple[int, int, int]:
+    """(resident, proportional, proportional anonymous) bytes of a process and its workers. Forked workers
+    share the parent's pages, so the resident sum counts those pages once per process (an upper bound); the
+    proportional set size (PSS) splits each shared page among the processes that map it, so its sum counts
+    every page once. The anonymous part leaves out pages of the on-disk Arrow tables that datasets maps
+    into each process: clean page cache the kernel can drop at any time."""
+    rss = pss = anon = 0
     for proc in [process, *process.children(recursive=True)]:
         try:
             rss += proc.memory_info().rss
@@ -174,9 +176,11 @@ def _tree_memory(process: psutil.Process) -> tuple[int, int]:
                 for line in handle:
                     if line.startswith("Pss:"):
                         pss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss_Anon:"):
+                        anon += int(line.split()[1]) * 1024
         except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
             pass
-    return rss, pss
+    return rss, pss, anon
 
 
 def run_prepare(config: Path, data: Path, out: Path, num_proc: int) -> dict:
@@ -186,11 +190,11 @@ def run_prepare(config: Path, data: Path, out: Path, num_proc: int) -> dict:
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
     watched = psutil.Process(child.pid)
-    peak = peak_pss = 0
+    peak = peak_pss = peak_anon = 0
     while child.poll() is None:
-        rss, pss = _tree_memory(watched)
-        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
-        time.sleep(0.1)
+        rss, pss, anon = _tree_memory(watched)
+        peak, peak_pss, peak_anon = max(peak, rss), max(peak_pss, pss), max(peak_anon, anon)
+        time.sleep(0.5)
     stdout, stderr = child.communicate()
     wall = time.perf_counter() - started
     if child.returncode != 0:
@@ -203,6 +207,7 @@ def run_prepare(config: Path, data: Path, out: Path, num_proc: int) -> dict:
         "wall_s": round(wall, 2), "in_process_s": card["seconds"],
         "docs_per_s": round(card["records"]["read"] / wall), "mb_per_s": round(size / 1e6 / wall, 2),
         "peak_rss_sum_mb": round(peak / 2**20), "peak_pss_mb": round(peak_pss / 2**20),
+        "peak_pss_anon_mb": round(peak_anon / 2**20),
     }
 
 
@@ -269,7 +274,8 @@ def main() -> None:
         runs[name] = result
         print(f"fedtune prepare, {name}: {result['docs_per_s']} docs/s, {result['mb_per_s']} MB/s, "
               f"{result['wall_s']} s wall ({result['in_process_s']} s after start-up), peak memory "
-              f"{result['peak_pss_mb']} MB PSS ({result['peak_rss_sum_mb']} MB summed RSS); kept {result['kept']}, "
+              f"{result['peak_pss_mb']} MB PSS, {result['peak_pss_anon_mb']} MB of it anonymous ({result['peak_rss_sum_mb']} MB "
+              f"summed RSS); kept {result['kept']}, "
               f"dropped {result['dropped']}, {result['pii_replaced']} PII values replaced")
     peer = None
     if args.peer_sample and not args.gigabytes:

@@ -26,7 +26,7 @@ from fedtune.config import FederationConfig
 from fedtune.data.contract import chat_template_sha, check_tokenizer, contract_record, pii_policy
 from fedtune.data.dedup import near_duplicates
 from fedtune.data.sources import read_records
-from fedtune.data.tokenize import IGNORE
+from fedtune.data.tokenize import IGNORE, Packer
 from fedtune.errors import BadInput
 
 CARD_FORMAT = "fedtune.data_card/2"
@@ -61,51 +61,19 @@ def _read_site_deny_list(path: Path | None) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-class _Packer:
-    """Concatenates records (each ends with EOS), cuts rows of seq_len and writes them as they fill; the
-    last row is padded with labels IGNORE. Nothing is dropped."""
+def _parquet_writer(path: Path):
+    """A Packer sink that appends (rows, seq_len) arrays to a parquet file of input_ids and labels."""
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    writer = pq.ParquetWriter(path, schema)
 
-    def __init__(self, path: Path | None, seq_len: int, pad_id: int):
-        self.seq_len, self.pad_id, self.rows = seq_len, pad_id, 0
-        self._ids: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._pending = 0
-        schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
-        self._writer = pq.ParquetWriter(path, schema) if path is not None else None
+    def write(ids: np.ndarray, labels: np.ndarray) -> None:
+        offsets = pa.array(np.arange(len(ids) + 1, dtype=np.int32) * ids.shape[1])
+        writer.write_table(pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1))),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.reshape(-1))),
+        }))
 
-    def add(self, ids: np.ndarray, labels: np.ndarray) -> None:
-        self._ids.append(ids)
-        self._labels.append(labels)
-        self._pending += len(ids)
-        if self._pending >= 1024 * self.seq_len:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        if not self._pending:
-            return
-        ids, labels = np.concatenate(self._ids), np.concatenate(self._labels)
-        full = len(ids) // self.seq_len * self.seq_len
-        if final and full < len(ids):
-            pad = self.seq_len - (len(ids) - full)
-            ids = np.concatenate([ids, np.full(pad, self.pad_id, np.int32)])
-            labels = np.concatenate([labels, np.full(pad, IGNORE, np.int32)])
-            full = len(ids)
-        self._ids, self._labels = [ids[full:]], [labels[full:]]
-        self._pending = len(ids) - full
-        rows = full // self.seq_len
-        if rows and self._writer is not None:
-            flat_ids, flat_labels = pa.array(ids[:full]), pa.array(labels[:full])
-            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * self.seq_len)
-            self._writer.write_table(pa.table({
-                "input_ids": pa.ListArray.from_arrays(offsets, flat_ids),
-                "labels": pa.ListArray.from_arrays(offsets, flat_labels),
-            }))
-        self.rows += rows
-
-    def close(self) -> None:
-        self._flush(final=True)
-        if self._writer is not None:
-            self._writer.close()
+    return write, writer.close
 
 
 def _array(column) -> pa.Array:
@@ -117,7 +85,7 @@ def _batches(dataset, columns: list[str]):
     memory map, so pages already read do not stay resident in this process (a multi-GB input stays
     out of its memory)."""
     files = [f["filename"] for f in dataset.cache_files]
-    if dataset._indices is not None or not files:
+    if not files:  # an in-memory dataset
         yield from dataset.select_columns(columns).with_format("arrow").iter(batch_size=65536)
         return
     for name in files:
@@ -254,7 +222,8 @@ def prepare_site(
                 features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                             "labels": datasets.Sequence(datasets.Value("int32"))}),
             )
-            packer = _Packer(None if dry_run else staging / f"{name}.parquet", config.seq_len, tokenizer.pad_token_id)
+            write, close = _parquet_writer(staging / f"{name}.parquet") if not dry_run else (None, lambda: None)
+            packer = Packer(config.seq_len, tokenizer.pad_token_id, write)
             total = trained = 0
             lengths = []
             for batch in _batches(tokenized, ["input_ids", "labels"]):
@@ -266,6 +235,7 @@ def prepare_site(
                 total += len(ids_flat)
                 trained += int((labels_flat != IGNORE).sum())
             packer.close()
+            close()
             card_rows[name] = packer.rows
             card_tokens[name] = {"total": total, "trained": trained}
             histograms[name] = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)

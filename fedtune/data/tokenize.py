@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Callable
 
 import numpy as np
 
@@ -92,14 +93,54 @@ def tokenize_records(tokenizer, records: list[Record]) -> list[tuple[list[int], 
     return out
 
 
+class Packer:
+    """Concatenates records (each ends with EOS) and cuts rows of seq_len as they fill; the last row is
+    padded (labels IGNORE). Nothing is dropped. Full rows go to `write(ids, labels)` a block at a time, so
+    a site's whole token stream is never in memory."""
+
+    BLOCK_ROWS = 1024
+
+    def __init__(self, seq_len: int, pad_id: int, write: Callable[[np.ndarray, np.ndarray], None] | None = None):
+        self.seq_len, self.pad_id, self.write, self.rows = seq_len, pad_id, write, 0
+        self._ids: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._pending = 0
+
+    def add(self, ids, labels) -> None:
+        self._ids.append(np.asarray(ids, dtype=np.int32))
+        self._labels.append(np.asarray(labels, dtype=np.int32))
+        self._pending += len(self._ids[-1])
+        if self._pending >= self.BLOCK_ROWS * self.seq_len:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        ids, labels = np.concatenate(self._ids), np.concatenate(self._labels)
+        full = len(ids) // self.seq_len * self.seq_len
+        if final and full < len(ids):
+            pad = self.seq_len - (len(ids) - full)
+            ids = np.concatenate([ids, np.full(pad, self.pad_id, np.int32)])
+            labels = np.concatenate([labels, np.full(pad, IGNORE, np.int32)])
+            full = len(ids)
+        self._ids, self._labels = [ids[full:]], [labels[full:]]
+        self._pending = len(ids) - full
+        rows = full // self.seq_len
+        if rows and self.write is not None:
+            self.write(ids[:full].reshape(rows, self.seq_len), labels[:full].reshape(rows, self.seq_len))
+        self.rows += rows
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
 def pack(samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate samples and cut into rows of seq_len; the last row is padded (labels IGNORE), nothing dropped."""
-    if not samples:
+    """Pack samples in memory: (rows, seq_len) input_ids and labels."""
+    blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    packer = Packer(seq_len, pad_id, lambda ids, labels: blocks.append((ids, labels)))
+    for ids, labels in samples:
+        packer.add(ids, labels)
+    packer.close()
+    if not blocks:
         return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
-    ids = np.fromiter((t for s in samples for t in s[0]), dtype=np.int64)
-    labels = np.fromiter((t for s in samples for t in s[1]), dtype=np.int64)
-    rows = -(-len(ids) // seq_len)
-    pad = rows * seq_len - len(ids)
-    ids = np.concatenate([ids, np.full(pad, pad_id, np.int64)]).reshape(rows, seq_len)
-    labels = np.concatenate([labels, np.full(pad, IGNORE, np.int64)]).reshape(rows, seq_len)
-    return ids.astype(np.int32), labels.astype(np.int32)
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
