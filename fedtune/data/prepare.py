@@ -328,7 +328,8 @@ def _select(analyzed, settings, work: Path, log, site: str):
         dropped["near_duplicate"] += int(near.sum())
         del sig
     keep = rows[unique]
-    log(f"{site}: {len(keep)} records kept; dropped: {', '.join(f'{k} {v}' for k, v in sorted(dropped.items())) or 'none'}")
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none"
+    log(f"{site}: {len(keep)} records kept; dropped: {shown}")
 
     kept_mask = np.zeros(n, dtype=bool)
     kept_mask[keep] = True
