@@ -141,7 +141,8 @@ def _print_card(card: dict, written: Path | None) -> None:
     out.print(f"{head}: {counts['kept']}/{counts['read']} records kept (train {counts['train']}, eval {counts['eval']})")
     out.print(f"  dropped: {dropped}")
     out.print(f"  PII replaced: {pii}")
-    out.print(f"  languages kept: {langs}")
+    gone = ", ".join(f"{k} {v}" for k, v in card["languages"]["dropped"].items())
+    out.print(f"  languages kept: {langs}" + (f"; dropped: {gone}" if gone else ""))
     tokens = card["tokens"]
     out.print(f"  tokens: train {tokens['train']['total']} ({tokens['train']['trained']} trained), "
               f"eval {tokens['eval']['total']}; sequences of {card['seq_len']}: train {card['sequences']['train']}, "

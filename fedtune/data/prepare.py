@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -92,6 +93,26 @@ def _batches(dataset, columns: list[str]):
         with pa.OSFile(name) as source:
             for batch in pa.ipc.open_stream(source):
                 yield batch.select(columns)
+
+
+def _pack(tokenized, target: Path | None, seq_len: int, pad_id: int) -> tuple[int, dict, np.ndarray]:
+    """Pack a split's tokenized records into `target` (nothing written when None); returns the number of
+    sequences, the token counts and each record's length."""
+    write, close = _parquet_writer(target) if target is not None else (None, lambda: None)
+    packer = Packer(seq_len, pad_id, write)
+    total = trained = 0
+    lengths = []
+    for batch in _batches(tokenized, ["input_ids", "labels"]):
+        ids_col, labels_col = _array(batch.column("input_ids")), _array(batch.column("labels"))
+        ids = ids_col.flatten().to_numpy().astype(np.int32)
+        labels = labels_col.flatten().to_numpy().astype(np.int32)
+        packer.add(ids, labels)
+        lengths.append(np.diff(ids_col.offsets.to_numpy()))
+        total += len(ids)
+        trained += int((labels != IGNORE).sum())
+    packer.close()
+    close()
+    return packer.rows, {"total": total, "trained": trained}, np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
 
 
 def _histogram(lengths: np.ndarray) -> dict[str, int]:
@@ -214,32 +235,17 @@ def prepare_site(
         staging = Path(work) / "out"
         staging.mkdir()
         for name, rows in splits.items():
-            chosen = analyzed.select(rows).select_columns(["text", "messages"])
-            tokenized = chosen.map(
+            tokenized = analyzed.select(rows).select_columns(["text", "messages"]).map(
                 tokenize_batch, batched=True, batch_size=BATCH, num_proc=_processes(requested, len(rows)),
                 fn_kwargs={"plan": plan}, remove_columns=["text", "messages"],
                 cache_file_name=str(Path(work) / f"tokens-{name}.arrow"), new_fingerprint=f"tok-{name}-{time.time_ns()}",
                 features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                             "labels": datasets.Sequence(datasets.Value("int32"))}),
             )
-            write, close = _parquet_writer(staging / f"{name}.parquet") if not dry_run else (None, lambda: None)
-            packer = Packer(config.seq_len, tokenizer.pad_token_id, write)
-            total = trained = 0
-            lengths = []
-            for batch in _batches(tokenized, ["input_ids", "labels"]):
-                ids_col, labels_col = _array(batch.column("input_ids")), _array(batch.column("labels"))
-                ids_flat = ids_col.flatten().to_numpy().astype(np.int32)
-                labels_flat = labels_col.flatten().to_numpy().astype(np.int32)
-                packer.add(ids_flat, labels_flat)
-                lengths.append(np.diff(ids_col.offsets.to_numpy()))
-                total += len(ids_flat)
-                trained += int((labels_flat != IGNORE).sum())
-            packer.close()
-            close()
-            card_rows[name] = packer.rows
-            card_tokens[name] = {"total": total, "trained": trained}
-            histograms[name] = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-            log(f"{site}: {name}: {len(rows)} records → {packer.rows} sequences of {config.seq_len} tokens "
+            target = None if dry_run else staging / f"{name}.parquet"
+            card_rows[name], card_tokens[name], histograms[name] = _pack(tokenized, target, config.seq_len,
+                                                                         tokenizer.pad_token_id)
+            log(f"{site}: {name}: {len(rows)} records → {card_rows[name]} sequences of {config.seq_len} tokens "
                 f"({time.perf_counter() - started:.1f} s)")
 
         record_lengths = np.concatenate(list(histograms.values()))
@@ -274,8 +280,8 @@ def prepare_site(
         if dry_run:
             return card
         with atomic_folder(out, replace=True) as tmp:
-            for name in splits:
-                os.replace(staging / f"{name}.parquet", tmp / f"{name}.parquet")
+            for name in splits:  # the work folder may be on another file system than --out
+                shutil.move(staging / f"{name}.parquet", tmp / f"{name}.parquet")
             card["files"] = {f"{n}.parquet": sha256_file(tmp / f"{n}.parquet") for n in splits}
             write_json_atomic(tmp / "data_card.json", card)
     return card

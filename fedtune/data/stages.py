@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fedtune.data.dedup import exact_key, normalize, signatures
 from fedtune.data.pii import PiiPolicy, PiiScrubber
@@ -30,7 +30,6 @@ class Plan:
     ngram: int
     num_perm: int
     model_id: str = ""
-    tag: str = field(default="", compare=False)
 
 
 @dataclass
