@@ -215,7 +215,11 @@ def presidio_peer(data: Path, sample: int) -> dict:
     """Presidio's BatchAnalyzerEngine + BatchAnonymizerEngine over the text of `sample` records, with the same
     recognizers fedtune asks for (US/GB/DE phones, email, card, IBAN, IP, US SSN) and no NLP model."""
     os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
-    from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer import (
+        AnalyzerEngine,
+        BatchAnalyzerEngine,
+        RecognizerRegistry,
+    )
     from presidio_analyzer import predefined_recognizers as pr
     from presidio_analyzer.nlp_engine import NoOpNlpEngine
     from presidio_anonymizer import BatchAnonymizerEngine

@@ -137,6 +137,17 @@ def tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def decoded_tokens(folder: Path, tokenizer) -> str:
+    """Every token of a prepared folder's train and eval splits, decoded back to text."""
+    import pyarrow.parquet as pq
+
+    texts = []
+    for split in ("train", "eval"):
+        table = pq.read_table(folder / f"{split}.parquet")
+        texts.append(tokenizer.decode([t for row in table.column("input_ids").to_pylist() for t in row]))
+    return "\n".join(texts)
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the fedtune CLI in this process as `fedtune ARGS`; returns (exit code, stdout, stderr)."""
     from fedtune import cli

@@ -11,14 +11,20 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 # Before Presidio imports tldextract: its email check must use the suffix list bundled with tldextract.
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 
-from presidio_analyzer import AnalyzerEngine, EntityRecognizer, Pattern, PatternRecognizer, RecognizerRegistry
-from presidio_analyzer import RecognizerResult
+from presidio_analyzer import (
+    AnalyzerEngine,
+    EntityRecognizer,
+    Pattern,
+    PatternRecognizer,
+    RecognizerRegistry,
+    RecognizerResult,
+)
 from presidio_analyzer import predefined_recognizers as pr
 from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer
 from presidio_analyzer.nlp_engine import NoOpNlpEngine
@@ -327,7 +333,9 @@ def _ner_recognizer(model_path: str):
     """Person names from a token-classification model the site already has on disk (never downloaded)."""
     from pathlib import Path
 
-    from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import HuggingFaceNerRecognizer
+    from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import (
+        HuggingFaceNerRecognizer,
+    )
 
     from fedtune.errors import BadInput
 

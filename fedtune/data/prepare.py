@@ -14,17 +14,28 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedtune import models
-from fedtune.artifacts import atomic_folder, read_json, sha256_file, stamp, write_json_atomic
+from fedtune.artifacts import (
+    atomic_folder,
+    read_json,
+    sha256_file,
+    stamp,
+    write_json_atomic,
+)
 from fedtune.config import FederationConfig
-from fedtune.data.contract import chat_template_sha, check_tokenizer, contract_record, pii_policy
+from fedtune.data.contract import (
+    chat_template_sha,
+    check_tokenizer,
+    contract_record,
+    pii_policy,
+)
 from fedtune.data.dedup import near_duplicates
 from fedtune.data.sources import read_records
 from fedtune.data.tokenize import IGNORE, Packer
@@ -255,8 +266,8 @@ def prepare_site(
             "site": site,
             "sources": [{"name": Path(p).name, "sha256": sha256_file(Path(p)), "records": int(sources_count.get(i, 0))}
                         for i, p in enumerate(inputs)],
-            "records": {"read": read, "kept": int(len(keep)), "train": int(len(splits["train"])),
-                        "eval": int(len(splits["eval"]))},
+            "records": {"read": read, "kept": len(keep), "train": len(splits["train"]),
+                        "eval": len(splits["eval"])},
             "dropped": {k: v for k, v in sorted(dropped.items()) if v},  # reasons that dropped something
             "pii_replaced": dict(sorted(pii.items())),
             "languages": languages,

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 from fedtune.data.dedup import exact_key, normalize, signatures
 from fedtune.data.pii import PiiPolicy, PiiScrubber
-from fedtune.data.quality import UNDETERMINED, LanguageFilter, QualityFilters, length_verdict
+from fedtune.data.quality import (
+    UNDETERMINED,
+    LanguageFilter,
+    QualityFilters,
+    length_verdict,
+)
 from fedtune.data.sources import Record
 
 

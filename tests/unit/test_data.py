@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import site_records, write_jsonl
+from conftest import decoded_tokens, site_records, write_jsonl
 
 from fedtune import models
 from fedtune.artifacts import sha256_file
@@ -347,14 +347,6 @@ def planted_rows() -> list[dict]:
 
 def written_bytes(folder: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
-
-
-def decoded_tokens(folder: Path, tokenizer) -> str:
-    texts = []
-    for split in ("train", "eval"):
-        table = pq.read_table(folder / f"{split}.parquet")
-        texts.append(tokenizer.decode([t for row in table.column("input_ids").to_pylist() for t in row]))
-    return "\n".join(texts)
 
 
 def table_rows(path: Path) -> dict:

@@ -12,11 +12,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import phonenumbers
-import pyarrow.parquet as pq
-import pytest
-
 import piicorpus
-from conftest import TINY_OVERRIDES, run_cli, write_jsonl
+import pytest
+from conftest import TINY_OVERRIDES, decoded_tokens, run_cli, write_jsonl
+
 from fedtune import models
 from fedtune.data import prepare_site
 from fedtune.data.pii import PiiPolicy, PiiScrubber
@@ -60,14 +59,6 @@ def scrubber(fed):
 @pytest.fixture(scope="module")
 def us_scrubber():
     return PiiScrubber(PiiPolicy(countries=["US"]))
-
-
-def decoded_tokens(folder: Path, tokenizer) -> str:
-    texts = []
-    for split in ("train", "eval"):
-        table = pq.read_table(folder / f"{split}.parquet")
-        texts.append(tokenizer.decode([t for row in table.column("input_ids").to_pylist() for t in row]))
-    return "\n".join(texts)
 
 
 @pytest.fixture(scope="module")

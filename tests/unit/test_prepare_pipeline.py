@@ -19,6 +19,7 @@ import yaml
 from conftest import (
     TINY_OVERRIDES,
     TOPICS,
+    decoded_tokens,
     run_cli,
     site_records,
     tree_digest,
@@ -400,14 +401,6 @@ def yaml_variant(fed, dest: Path, changes: dict) -> Path:
     """A copy of federation.yaml with some settings changed (as a coordinator would edit it)."""
     dest.write_text(yaml.safe_dump(merged(yaml.safe_load(fed.yaml.read_text()), changes)), encoding="utf-8")
     return dest
-
-
-def decoded_tokens(folder: Path, tokenizer) -> str:
-    texts = []
-    for split in ("train", "eval"):
-        table = pq.read_table(folder / f"{split}.parquet")
-        texts.append(tokenizer.decode([t for row in table.column("input_ids").to_pylist() for t in row]))
-    return "\n".join(texts)
 
 
 def qa_rows(pairs) -> list[dict]:
