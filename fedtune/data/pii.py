@@ -73,7 +73,6 @@ _MASTERCARD_2 = r"\b(?:222[1-9]|22[3-9]\d|2[3-6]\d{2}|27[01]\d|2720)[- ]?\d{4}[-
 _DATE = re.compile(r"[0-3]?\d([./-])[01]?\d\1(?:19|20)?\d{2}|(?:19|20)\d{2}([./-])[01]?\d\2[0-3]?\d")
 
 
-
 def _phone_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     """The span of a phone-number match without an unbalanced bracket phonenumbers took along (the '(' of
     '(601-30-0336)'), or None for a date."""
@@ -88,6 +87,7 @@ def _phone_span(text: str, start: int, end: int) -> tuple[int, int] | None:
 
 def _national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[str], bool] | None]]:
     """(Presidio recognizer, placeholder type, stdnum validator) for one country's national IDs."""
+
     def pattern(entity: str, regex: str, score: float = 0.5):
         return PatternRecognizer(supported_entity=entity, patterns=[Pattern(entity.lower(), regex, score)],
                                  supported_language=LANGUAGE, global_regex_flags=re.MULTILINE)
@@ -98,7 +98,8 @@ def _national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[
                 (pr.UsItinRecognizer(supported_language=LANGUAGE), "US_ITIN", _stdnum_check("us.itin"))]
     if country == "GB":
         # The National Insurance number has no check digit; its letter rules are Presidio's.
-        return [(pr.UkNinoRecognizer(supported_language=LANGUAGE), "UK_NINO", None), (pr.NhsRecognizer(supported_language=LANGUAGE), "UK_NHS", _stdnum_check("gb.nhs"))]
+        return [(pr.UkNinoRecognizer(supported_language=LANGUAGE), "UK_NINO", None),
+                (pr.NhsRecognizer(supported_language=LANGUAGE), "UK_NHS", _stdnum_check("gb.nhs"))]
     if country == "DE":
         # Steuer-IdNr: 11 digits, compact or grouped 2-3-3-3 as on tax letters (Presidio's pattern and check take
         # only the compact form); ISO 7064 mod 11,10 is stdnum's check.
@@ -112,7 +113,8 @@ def _national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[
         return [(pr.EsNifRecognizer(supported_language=LANGUAGE), "ES_NIF", _stdnum_check("es.nif")),
                 (pr.EsNieRecognizer(supported_language=LANGUAGE), "ES_NIE", _stdnum_check("es.nie"))]
     if country == "IT":
-        return [(pr.ItFiscalCodeRecognizer(supported_language=LANGUAGE), "IT_FISCAL_CODE", _stdnum_check("it.codicefiscale"))]
+        return [(pr.ItFiscalCodeRecognizer(supported_language=LANGUAGE), "IT_FISCAL_CODE",
+                 _stdnum_check("it.codicefiscale"))]
     if country == "NL":
         # Burgerservicenummer: nine digits, optionally grouped 4-2-3, with the eleven-test as its checksum.
         return [(pattern("NL_BSN", r"\b\d{4}[ .]?\d{2}[ .]?\d{3}\b", 0.3), "NL_BSN", _stdnum_check("nl.bsn"))]
