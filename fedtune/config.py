@@ -59,8 +59,6 @@ class TrainingSettings(Strict):
 
 
 PII_ENTITY_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID")
-NATIONAL_ID_COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL")
-QUALITY_PRESETS = ("gopher-quality", "gopher-repetition", "c4", "fineweb")
 PLACEHOLDER_NAME = r"^[A-Z][A-Z0-9_]*$"
 
 
@@ -98,11 +96,6 @@ class PiiSettings(Strict):
             except re.error as err:
                 raise ValueError(f"pattern {name}: not a valid regular expression ({err})") from None
         return value
-
-    def policy(self) -> dict:
-        """The parts of the policy that decide what is replaced, as recorded in a data card."""
-        return {"entities": sorted(self.entities), "countries": sorted(self.countries),
-                "patterns": sorted(self.patterns), "deny_list_terms": len(self.deny_list)}
 
 
 class DedupSettings(Strict):

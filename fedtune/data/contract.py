@@ -33,15 +33,14 @@ def pii_policy(config: FederationConfig, site_terms: int, ner: bool) -> dict:
 FEDERATION_POLICY_KEYS = ("entities", "countries", "patterns", "deny_list_sha256")
 
 
-def check_tokenizer(config: FederationConfig, tokenizer, fingerprint: str, source: str) -> None:
+def check_tokenizer(config: FederationConfig, fingerprint: str, template_sha: str, source: str) -> None:
     """Refuse a site whose tokenizer or chat template is not the federation's (prepare, before any work)."""
     contract = config.contract
     if contract.tokenizer and contract.tokenizer != fingerprint:
         raise BadInput(f"{source}: this site's tokenizer (fingerprint {fingerprint[:12]}) is not the federation's "
                        f"(contract.tokenizer {contract.tokenizer[:12]}); install the base model the federation names")
-    sha = chat_template_sha(tokenizer)
-    if contract.chat_template and contract.chat_template != sha:
-        raise BadInput(f"{source}: this site's chat template (sha256 {sha[:12]}) is not the federation's "
+    if contract.chat_template and contract.chat_template != template_sha:
+        raise BadInput(f"{source}: this site's chat template (sha256 {template_sha[:12]}) is not the federation's "
                        f"(contract.chat_template {contract.chat_template[:12]}); install the base model the federation names")
 
 

@@ -168,7 +168,7 @@ def prepare_site(
     """
     # Presidio, datatrove and the language model load here, not when train-local imports read_prepared.
     from fedtune.data.pii import PiiPolicy
-    from fedtune.data.stages import Plan, analyze_batch, tokenize_batch
+    from fedtune.data.stages import Plan, analyze_batch, prepare_tools, tokenize_batch
 
     config.require_site(site, "prepare")
     if not inputs:
@@ -182,7 +182,7 @@ def prepare_site(
     models.check_fingerprint(config.base_model.id, config.base_model.sha256, "prepare")
     tokenizer = models.load_tokenizer(config.base_model.id)
     fingerprint, template_sha = models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer)
-    check_tokenizer(config, tokenizer, fingerprint, "prepare")
+    check_tokenizer(config, fingerprint, template_sha, "prepare")
     settings = config.data
     plan = Plan(
         min_chars=settings.min_chars, max_chars=settings.max_chars, languages=list(settings.languages),
@@ -192,10 +192,8 @@ def prepare_site(
         near=settings.dedup.near, ngram=settings.dedup.ngram, num_perm=settings.dedup.num_perm,
         model_id=config.base_model.id,
     )
-    if ner_model is not None:
-        from fedtune.data.pii import _ner_recognizer
-
-        _ner_recognizer(str(ner_model))  # a bad folder is refused before any work starts
+    # Built here once (a bad --ner-model folder is refused before any work starts); forked workers inherit them.
+    prepare_tools(plan, tokenizer)
     requested = num_proc or min(8, os.cpu_count() or 1)
     started = time.perf_counter()
 
@@ -299,18 +297,21 @@ def prepare_site(
 
 
 def _select(analyzed, settings, work: Path, log, site: str):
-    """One pass over the analyzed records' drop reasons, keys and signatures: returns the rows kept (in
-    reading order), every row's key and the card's counts. Exact duplicates are found by key, then near-duplicates among
-    the distinct records by their MinHash signatures (spilled to a file, not held in memory)."""
+    """One pass over the analyzed records' drop reasons, keys, signatures, languages and PII counts: returns
+    the rows kept (in reading order), every row's key and the card's counts. Exact duplicates are found by
+    key, then near-duplicates among the distinct records by their MinHash signatures (spilled to a file, not
+    held in memory)."""
     n = len(analyzed)
-    dropped, sources, pii, kept_langs, dropped_langs = Counter(), Counter(), Counter(), Counter(), Counter()
+    dropped, sources, dropped_langs = Counter(), Counter(), Counter()
     passing = np.zeros(n, dtype=bool)
     keys = np.zeros(n, dtype=np.int64)
+    lang_codes, lang_of = np.zeros(n, dtype=np.int16), {}  # each row's language, as a small code
+    pii_of: dict[int, str] = {}  # PII counts (JSON) of the passing rows that had any
     num_perm = settings.dedup.num_perm
     sig_path = work / "signatures.u32"
     with open(sig_path, "wb") as sig_file:
         start = 0
-        for batch in _batches(analyzed, ["drop", "key", "source", "signature", "lang"]):
+        for batch in _batches(analyzed, ["drop", "key", "source", "signature", "lang", "pii"]):
             size = batch.num_rows
             drops = batch.column("drop").to_pylist()
             langs = batch.column("lang").to_pylist()
@@ -318,15 +319,17 @@ def _select(analyzed, settings, work: Path, log, site: str):
             keys[start:start + size] = batch.column("key").to_numpy()
             ok = np.array([d == "" for d in drops], dtype=bool)
             passing[start:start + size] = ok
-            for d, lang in zip(drops, langs):
+            lang_codes[start:start + size] = [lang_of.setdefault(lang, len(lang_of)) for lang in langs]
+            for i, (d, lang, counts) in enumerate(zip(drops, langs, batch.column("pii").to_pylist())):
                 if d:
                     dropped[d] += 1
                     if d == "language":
                         dropped_langs[lang] += 1
+                elif counts:
+                    pii_of[start + i] = counts
             if settings.dedup.near and ok.any():
                 sig = _array(batch.column("signature")).filter(pa.array(ok)).flatten().to_numpy()
-                sig = sig.astype(np.uint32)
-                sig_file.write(sig.tobytes())
+                sig_file.write(sig.astype(np.uint32).tobytes())
             start += size
 
     rows = np.flatnonzero(passing)
@@ -348,18 +351,14 @@ def _select(analyzed, settings, work: Path, log, site: str):
     shown = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none"
     log(f"{site}: {len(keep)} records kept; dropped: {shown}")
 
-    kept_mask = np.zeros(n, dtype=bool)
-    kept_mask[keep] = True
-    start = 0
-    for batch in _batches(analyzed, ["pii", "lang"]):
-        size = batch.num_rows
-        flags = kept_mask[start:start + size]
-        for flag, counts, lang in zip(flags.tolist(), batch.column("pii").to_pylist(), batch.column("lang").to_pylist()):
-            if flag:
-                kept_langs[lang] += 1
-                if counts:
-                    pii.update(json.loads(counts))
-        start += size
+    # The card counts what reached the tokens: the kept records' languages and replacements.
+    names = {code: lang for lang, code in lang_of.items()}
+    kept_langs = Counter({names[code]: int(count) for code, count in
+                          zip(*np.unique(lang_codes[keep], return_counts=True))})
+    pii = Counter()
+    for row in keep.tolist():
+        if row in pii_of:
+            pii.update(json.loads(pii_of[row]))
     languages = {"kept": dict(kept_langs.most_common()), "dropped": dict(dropped_langs.most_common())}
     return keep, keys, dropped, sources, pii, languages
 

@@ -7,9 +7,6 @@ import re
 
 from fedtune.data.sources import Record
 
-# The web-document filters judge pages, not instructions: Gopher alone drops any record under 50 words.
-# So none runs unless the federation file names it under data.quality.
-QUALITY_PRESETS = ("gopher-quality", "gopher-repetition", "c4", "fineweb")
 UNDETERMINED = "und"
 _LETTER = re.compile(r"[^\W\d_]")
 
@@ -57,7 +54,9 @@ class LanguageFilter:
 
 
 class QualityFilters:
-    """datatrove's Gopher / C4 / FineWeb filters; the reason is theirs, prefixed with `quality:`."""
+    """datatrove's Gopher / C4 / FineWeb filters; the reason is theirs, prefixed with `quality:`. They judge
+    web pages, not instructions (Gopher alone drops any record under 50 words), so none runs unless the
+    federation file names it under data.quality."""
 
     def __init__(self, presets: list[str]):
         from datatrove.pipeline.filters import (

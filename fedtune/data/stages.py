@@ -1,6 +1,7 @@
 """The per-record work of `prepare`, run a batch at a time in worker processes (datasets `map` with num_proc).
 
-Each worker builds its analyzer, language model and filters once (`_tools`) and keeps them for every batch.
+The analyzer, language model, filters and tokenizer are built once per process (`prepare_tools`) and kept for
+every batch.
 """
 
 from __future__ import annotations
@@ -42,21 +43,28 @@ class _Tools:
     language: LanguageFilter
     quality: QualityFilters
     scrubber: PiiScrubber | None
+    tokenizer: object = None
 
 
-_CACHE: dict[str, object] = {}
+# The one plan this process serves and its tools. prepare builds them in the parent before the workers are
+# forked, so each worker starts with them instead of loading the analyzer, models and tokenizer again.
+_SERVING: dict[str, object] = {}
 
 
-def _tools(plan: Plan) -> _Tools:
+def prepare_tools(plan: Plan, tokenizer=None) -> _Tools:
     key = repr(plan)
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = _Tools(
+    if _SERVING.get("plan") != key:
+        _SERVING.clear()
+        _SERVING["plan"] = key
+        _SERVING["tools"] = _Tools(
             language=LanguageFilter(plan.languages, plan.language_min_letters, plan.language_min_score),
             quality=QualityFilters(plan.quality),
             scrubber=PiiScrubber(plan.pii) if plan.pii is not None else None,
         )
-    return _CACHE[key]
+    tools = _SERVING["tools"]
+    if tokenizer is not None:
+        tools.tokenizer = tokenizer
+    return tools
 
 
 def to_record(text: str | None, messages: str | None) -> Record:
@@ -72,7 +80,7 @@ def _record_parts(record: Record) -> list[str]:
 def analyze_batch(batch: dict, plan: Plan) -> dict:
     """Filter, scrub and fingerprint a batch: returns the scrubbed records with their drop reason ("" keeps),
     exact-duplicate key, detected language, PII counts (JSON) and MinHash signature."""
-    tools = _tools(plan)
+    tools = prepare_tools(plan)
     out: dict[str, list] = {k: [] for k in ("text", "messages", "source", "drop", "key", "lang", "pii", "signature")}
     normalized_kept: list[tuple[int, str]] = []
     for i, (text, messages, source) in enumerate(zip(batch["text"], batch["messages"], batch["source"])):
@@ -115,9 +123,9 @@ def tokenize_batch(batch: dict, plan: Plan) -> dict:
     from fedtune import models
     from fedtune.data.tokenize import tokenize_records
 
-    key = f"tokenizer:{plan.model_id}"
-    if key not in _CACHE:
-        _CACHE[key] = models.load_tokenizer(plan.model_id)
+    tools = prepare_tools(plan)
+    if tools.tokenizer is None:
+        tools.tokenizer = models.load_tokenizer(plan.model_id)
     records = [to_record(text, messages) for text, messages in zip(batch["text"], batch["messages"])]
-    pairs = tokenize_records(_CACHE[key], records)
+    pairs = tokenize_records(tools.tokenizer, records)
     return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
