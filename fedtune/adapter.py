@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedtune import models
 from fedtune.artifacts import sha256_file, write_json_atomic
 from fedtune.config import FederationConfig
 from fedtune.errors import BadInput
@@ -33,7 +34,7 @@ def lora_config(config: FederationConfig, rank: int | None = None):
         lora_dropout=config.lora.dropout,
         target_modules=config.lora.target_modules,
         task_type="CAUSAL_LM",
-        base_model_name_or_path=config.base_model.id,
+        base_model_name_or_path=models.loadable_name(config.base_model.id),
     )
 
 

@@ -51,6 +51,8 @@ def train_baseline(
     out: Path,
     name: str,
     log: Callable[[str], None] = lambda _msg: None,
+    *,
+    model_dir: Path | None = None,
 ) -> Path:
     """Train one adapter from the version `start` on the pooled train splits of `data`.
 
@@ -83,7 +85,8 @@ def train_baseline(
     # Seeded by name so every baseline draws its own batches, yet a rerun is identical.
     seed = config.seed + zlib.crc32(name.encode()) % 100_000
     torch.manual_seed(seed)
-    model = get_peft_model(models.load_base_model(config.base_model.id), lora_config(config))
+    weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, f"baseline {name}")
+    model = get_peft_model(models.load_base_model(weights), lora_config(config))
     loaded = set_peft_model_state_dict(model, read_tensors(start / ADAPTER_FILE))
     if loaded.unexpected_keys:
         raise BadInput(f"{start / ADAPTER_FILE}: keys do not fit the base model ({loaded.unexpected_keys[:2]})")
@@ -121,6 +124,8 @@ def run_baselines(
     steps_per_site: int,
     base_model=None,
     log: Callable[[str], None] = lambda _msg: None,
+    *,
+    model_dir: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Train and evaluate the baselines `kinds` into out/local/<site>/ and out/central/.
 
@@ -136,16 +141,19 @@ def run_baselines(
     """
     results: dict[str, dict[str, float]] = {}
     if base_model is None:
-        base_model = models.load_base_model(config.base_model.id)
+        base_model = models.load_base_model(
+            models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "baselines"))
     if "local" in kinds:
         results["local"] = {}
         for site, folder in honest.items():
-            adapter = train_baseline(config, [folder], start, steps_per_site, out / "local" / site, f"local-{site}", log)
+            adapter = train_baseline(config, [folder], start, steps_per_site, out / "local" / site, f"local-{site}", log,
+                                     model_dir=model_dir)
             results["local"][site] = evaluate(config, adapter, [folder], base_model=base_model)["sites"][site]["loss"]
             log(f"eval local-{site}: {site} {results['local'][site]:.4f}")
     if "central" in kinds:
         steps = steps_per_site * len(honest)
-        adapter = train_baseline(config, list(honest.values()), start, steps, out / "central", "central", log)
+        adapter = train_baseline(config, list(honest.values()), start, steps, out / "central", "central", log,
+                                 model_dir=model_dir)
         scores = evaluate(config, adapter, eval_data, base_model=base_model)
         results["central"] = {s: m["loss"] for s, m in scores["sites"].items()}
         log("eval central: " + ", ".join(f"{s} {v:.4f}" for s, v in results["central"].items()))

@@ -25,17 +25,19 @@ class Strict(BaseModel):
 class BaseModelRef(Strict):
     """The base model every site trains on."""
 
-    id: str = DEFAULT_MODEL
+    id: str = Field(DEFAULT_MODEL, description="the model's identity: a hub id (ORG/NAME) or embedded:NAME; each "
+                    "site finds its own copy (--model DIR, FEDTUNE_MODEL_DIR, or the Hugging Face cache)")
     sha256: str | None = Field(None, description="fingerprint of the weights; init fills it in")
 
 
 class LoraSettings(Strict):
     """LoRA shape shared by the whole federation."""
 
-    r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank of the global adapter")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input during local training")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "v_proj"], description="names of the linear layers that get LoRA factors, or all-linear")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -48,13 +50,13 @@ class LoraSettings(Strict):
 class TrainingSettings(Strict):
     """Defaults for `train-local`; a site may override steps, lr and batch size on the command line."""
 
-    steps: int = Field(20, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    steps: int = Field(20, ge=1, description="optimizer steps per round on each site")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(4, ge=1, description="sequences of seq_len tokens per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     prox_mu: float = Field(0.0, ge=0, description="FedProx: weight of (mu/2)·||w - w_global||² in the local loss")
 
 
@@ -101,19 +103,80 @@ class PiiSettings(Strict):
 class DedupSettings(Strict):
     """Duplicate removal: exact (normalized text) and near (MinHash-LSH)."""
 
-    exact: bool = True
-    near: bool = True
+    exact: bool = Field(True, description="drop records whose normalized text repeats an earlier one")
+    near: bool = Field(True, description="drop near-duplicates (MinHash-LSH, confirmed at threshold)")
     threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word n-grams at which records are near-duplicates")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     ngram: int = Field(3, ge=1, le=16, description="words per shingle")
 
 
+COLUMN_PARTS = ("text", "prompt", "input", "response", "messages", "system")
+
+
+class ColumnMap(Strict):
+    """Which column of a site's files holds each part of a record, for files whose column names `prepare` does
+    not recognise. Name `text`, or `messages` (+ `system`), or `prompt` and `response` (+ `input`, `system`);
+    only the named columns are read."""
+
+    text: str | None = Field(None, description="plain text, trained on entirely")
+    prompt: str | None = Field(None, description="the user's turn")
+    input: str | None = Field(None, description="added to the prompt after a blank line (Alpaca's `input`)")
+    response: str | None = Field(None, description="the answer: the assistant's turn, the only part trained on")
+    messages: str | None = Field(None, description="a conversation: [{role, content}] or ShareGPT [{from, value}], "
+                                 "as a list or JSON text")
+    system: str | None = Field(None, description="a system prompt put before the conversation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_parts(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            unknown = [str(k) for k in value if k not in COLUMN_PARTS]
+            if unknown:
+                raise ValueError(f"unknown record part {', '.join(unknown)} (use {', '.join(COLUMN_PARTS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> ColumnMap:
+        named = {part for part in COLUMN_PARTS if getattr(self, part) is not None}
+        pair = {"prompt", "response"} & named
+        if "text" in named and len(named) > 1:
+            raise ValueError("text is read on its own; drop the other parts or drop text")
+        if "messages" in named and named & {"prompt", "input", "response"}:
+            raise ValueError("give messages or prompt/response, not both")
+        if pair and pair != {"prompt", "response"}:
+            raise ValueError("prompt and response go together")
+        if not named & {"text", "messages", "prompt"}:
+            raise ValueError("name the column of text, messages, or prompt and response")
+        return self
+
+    def mapping(self) -> dict[str, str]:
+        """Record part → column name, for the parts named."""
+        return self.model_dump(exclude_none=True)
+
+
+def parse_columns(text: str) -> ColumnMap:
+    """Read `prepare --columns`: PART=COLUMN pairs separated by commas, e.g. `prompt=question,response=answer`."""
+    pairs: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        part, sep, column = (s.strip() for s in item.partition("="))
+        if not (sep and part and column) or part in pairs:
+            raise BadInput(f"--columns {text}: write each part once as PART=COLUMN, separated by commas, "
+                           "e.g. prompt=question,response=answer")
+        pairs[part] = column
+    try:
+        return ColumnMap.model_validate(pairs)
+    except ValidationError as err:
+        problems = "; ".join(item["msg"].removeprefix("Value error, ") for item in err.errors())
+        raise BadInput(f"--columns {text}: {problems}") from None
+
+
 class DataSettings(Strict):
     """What `prepare` keeps and how it splits."""
 
-    min_chars: int = Field(8, ge=0)
-    max_chars: int = Field(20000, ge=1)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    min_chars: int = Field(8, ge=0, description="records with fewer characters are dropped (too_short)")
+    max_chars: int = Field(20000, ge=1, description="records with more characters are dropped (too_long)")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of records held out for evaluation, chosen "
+                                 "by content hash")
     languages: list[str] = Field(["en"], description="allowed languages (ISO 639-1); empty keeps every language")
     language_min_score: float = Field(0.5, ge=0, le=1, description="a record is dropped only when another language wins with at least this score")
     language_min_letters: int = Field(20, ge=0, description="records with fewer letters are not judged")
@@ -121,6 +184,9 @@ class DataSettings(Strict):
         [], description="datatrove web-document filters (opt-in: they drop most short instruction data)")
     dedup: DedupSettings = DedupSettings()
     pii: PiiSettings = PiiSettings()
+    columns: ColumnMap | None = Field(None, description="the site's own column names, e.g. {prompt: question, "
+                                      "response: answer}; `prepare --columns` overrides it; unset: formats are "
+                                      "recognised by their field names")
 
     @model_validator(mode="after")
     def _bounds(self) -> DataSettings:
@@ -144,7 +210,7 @@ SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 class AggregationSettings(Strict):
     """How the coordinator merges a round (ALGORITHMS.md has every rule's definition)."""
 
-    method: str = "fedavg"
+    method: str = Field("fedavg", description="aggregation method (`fedtune aggregate --help` lists them)")
     trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed means: fraction cut from each tail")
     byzantine: int = Field(1, ge=0, description="krum, multi-krum: number of attackers tolerated (f)")
     keep: int | None = Field(None, ge=1, description="multi-krum: updates averaged (default n - f)")
@@ -156,12 +222,13 @@ class AggregationSettings(Strict):
     report_error: bool | None = Field(
         None, description="fedavg/ffa: record the reconstruction error per layer; it costs ~2(Kr)²(d+k) flops per "
         "layer, so by default only when that totals under 10 GFLOP (svd and stack get it for free)")
-    server_opt: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "none"
+    server_opt: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = Field(
+        "none", description="server optimizer applied to the merged delta (FedOpt)")
     server_lr: float | None = Field(None, gt=0, description="server learning rate (default 1 for none/fedavgm, 0.01 adaptive)")
     server_momentum: float = Field(0.9, ge=0, lt=1, description="beta1 of the server optimizer")
     server_beta2: float = Field(0.99, ge=0, lt=1, description="beta2 of fedadam / fedyogi")
     server_tau: float = Field(1e-3, gt=0, description="adaptivity tau of fedadagrad / fedadam / fedyogi")
-    quorum: int = Field(2, ge=1)
+    quorum: int = Field(2, ge=1, description="fewest valid updates that make a round; below it nothing is written")
 
     def effective_server_lr(self) -> float:
         if self.server_lr is not None:
@@ -172,7 +239,7 @@ class AggregationSettings(Strict):
 class SiteEntry(Strict):
     """One member of the federation."""
 
-    name: str = Field(pattern=SITE_NAME)
+    name: str = Field(pattern=SITE_NAME, description="the site's name: letters, digits, . _ -")
     lora_r: int | None = Field(None, ge=1, description="this site trains a smaller rank (a site with a small GPU)")
 
 
@@ -188,8 +255,8 @@ class TrainingPlan(Strict):
     """What a federation file and a recipe both set: the adapter's shape and how sites train and merge."""
 
     lora: LoraSettings = LoraSettings()
-    seq_len: int = Field(128, ge=8, le=131072)
-    seed: int = 0
+    seq_len: int = Field(128, ge=8, le=131072, description="tokens per packed training sequence")
+    seed: int = Field(0, description="seeds the initial adapter and every site's batches (reruns are identical)")
     training: TrainingSettings = TrainingSettings()
     data: DataSettings = DataSettings()
     aggregation: AggregationSettings = AggregationSettings()
@@ -198,8 +265,8 @@ class TrainingPlan(Strict):
 class FederationConfig(TrainingPlan):
     """The contents of federation.yaml."""
 
-    format: Literal["fedtune.federation/1"] = FEDERATION_FORMAT
-    name: str = "federation"
+    format: Literal["fedtune.federation/1"] = Field(FEDERATION_FORMAT, description="version of this file's format")
+    name: str = Field("federation", description="the federation's name (init: the folder's name)")
     base_model: BaseModelRef = BaseModelRef()
     contract: DataContract = DataContract()
     sites: list[SiteEntry] = Field(min_length=1)

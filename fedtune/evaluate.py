@@ -4,6 +4,7 @@ each site's prepared eval split."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ def evaluate(
     data: list[Path],
     base_model=None,
     batch_size: int = 8,
+    *,
+    model_dir: Path | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
 ) -> dict:
     """Evaluate `adapter` ("base" or a global version folder) on every prepared folder in `data`.
 
@@ -42,6 +46,8 @@ def evaluate(
         data: prepared site folders.
         base_model: an already loaded base model to reuse (left as it was on return).
         batch_size: sequences per forward pass.
+        model_dir: the folder holding this machine's copy of the base model (else FEDTUNE_MODEL_DIR or its id).
+        log: receives progress lines.
 
     Returns:
         {"adapter": …, "sites": {site: {"loss", "perplexity", "tokens"}}}
@@ -55,8 +61,9 @@ def evaluate(
             raise BadInput(f"{folder}: a second eval split for site '{card['site']}'; give each site's folder once")
         splits.append((card["site"], torch.from_numpy(ids), torch.from_numpy(labels)))
     if base_model is None:
-        models.check_fingerprint(config.base_model.id, config.base_model.sha256, "evaluate")
-        base_model = models.load_base_model(config.base_model.id)
+        weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "evaluate")
+        log(f"evaluate: loading the base model from {weights}")
+        base_model = models.load_base_model(weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_model.to(device)
 
@@ -72,7 +79,8 @@ def evaluate(
     model.eval()
     try:
         sites = {}
-        for site, ids, labels in splits:
+        for number, (site, ids, labels) in enumerate(splits, start=1):
+            log(f"evaluate {name}: site {site} ({number}/{len(splits)}), {len(ids)} sequences")
             total, count = _eval_loss(model, ids, labels, batch_size, device)
             if count == 0:
                 raise BadInput(f"site {site}: its eval split has no labelled tokens; prepare it with more records")

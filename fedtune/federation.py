@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from fedtune import models
 from fedtune.adapter import seeded_adapter, write_adapter
 from fedtune.artifacts import atomic_folder, stamp, write_json_atomic, write_text_atomic
-from fedtune.config import FederationConfig, federation_to_yaml, parse_model
+from fedtune.config import DEFAULT_MODEL, FederationConfig, federation_to_yaml, parse_model, read_yaml
 from fedtune.errors import BadInput
 from fedtune.registry import Registry, version_name
 
@@ -32,14 +33,20 @@ def init_federation(
     sites: list[str | dict],
     model: str | None = None,
     overrides: dict | None = None,
+    *,
+    model_id: str | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
 ) -> FederationConfig:
     """Create `folder/federation.yaml` and `folder/registry/v0000`.
 
     Args:
         folder: the federation's folder (created if missing).
         sites: the roster: names, or mappings such as {"name": "lab", "lora_r": 4}.
-        model: base model id; the embedded SmolLM2-135M-Instruct when None.
+        model: base model: a folder, a hub id in the local Hugging Face cache or `embedded:NAME`; the embedded
+            SmolLM2-135M-Instruct when None. The federation records its id and fingerprint, never a path.
         overrides: nested values for the federation file, e.g. {"lora": {"r": 16}}.
+        model_id: the id to record for a model given as a folder (its hub id); inferred when None.
+        log: receives progress lines.
     """
     config_path = folder / "federation.yaml"
     registry = Registry(folder / "registry")
@@ -50,18 +57,21 @@ def init_federation(
         raise BadInput("init: name at least one site with --site NAME")
     data: dict = dict(overrides or {})
     data["sites"] = [s if isinstance(s, dict) else {"name": s} for s in sites]
-    data["base_model"] = {"id": model or FederationConfig.model_fields["base_model"].default.id}
     if "name" not in data:
         data["name"] = folder.resolve().name
+    model = model or DEFAULT_MODEL
+    if model.startswith(models.EMBEDDED_PREFIX):
+        log(f"init: locating {model} (its GGUF file is converted to safetensors once, about 20 s)")
+    data["base_model"], weights = _base_model(model, model_id)
     config = parse_model(FederationConfig, data, "init")
-    config.base_model.sha256 = models.fingerprint(config.base_model.id)
-    tokenizer = models.load_tokenizer(config.base_model.id)
+    tokenizer = models.load_tokenizer(weights)
     # The data contract names the token space every site must prepare in.
     from fedtune.data.contract import chat_template_sha
 
     config.contract.tokenizer = config.contract.tokenizer or models.tokenizer_fingerprint(tokenizer)
     config.contract.chat_template = config.contract.chat_template or chat_template_sha(tokenizer)
-    base = models.load_base_model(config.base_model.id)
+    log(f"init: loading {config.base_model.id} to seed the initial adapter")
+    base = models.load_base_model(weights)
     _check_targets(base, config)
     tensors = seeded_adapter(base, config)
 
@@ -78,6 +88,39 @@ def init_federation(
         shutil.rmtree(registry.root, ignore_errors=True)
         raise
     return config
+
+
+def merge_settings(base: dict, extra: dict) -> dict:
+    """`base` with `extra`'s values laid over it, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_settings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# What a preset may not set: init fills these in from the command line and the base model.
+PRESET_FORBIDDEN = ("sites", "format", "contract")
+
+
+def load_preset(path: Path) -> dict:
+    """A federation preset (configs/*.yaml): federation-file values without a roster, checked key by key."""
+    data = read_yaml(Path(path))
+    given = [key for key in PRESET_FORBIDDEN if key in data]
+    if given:
+        raise BadInput(f"{path}: a preset does not set {', '.join(given)} (init fills them in; name sites with --site)")
+    if "sha256" in (data.get("base_model") or {}):
+        raise BadInput(f"{path}: base_model.sha256 comes from the weights; remove it from the preset")
+    parse_model(FederationConfig, {**data, "sites": [{"name": "preset-check"}]}, str(path))
+    return data
+
+
+def _base_model(model: str, model_id: str | None) -> tuple[dict, Path]:
+    """The federation's base_model entry (id and fingerprint) and the folder holding the weights."""
+    model_id, weights = models.identify(model, model_id)
+    return {"id": model_id, "sha256": models.fingerprint_folder(weights)}, weights
 
 
 def _check_targets(model, config: FederationConfig) -> None:

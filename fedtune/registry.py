@@ -7,9 +7,13 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedtune.artifacts import now, read_json, write_text_atomic
+from fedtune.artifacts import now, read_json, sha256_file, write_text_atomic
 from fedtune.errors import BadInput
+
+if TYPE_CHECKING:
+    from fedtune.config import FederationConfig
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 GENESIS = "0" * 64
@@ -17,6 +21,11 @@ GENESIS = "0" * 64
 
 def version_name(number: int) -> str:
     return f"v{number:04d}"
+
+
+def round_dir_name(number: int) -> str:
+    """The folder of round `number`'s updates: the round that makes version `number` (round-0001 → v0001)."""
+    return f"round-{number:04d}"
 
 
 def version_number(name: str) -> int:
@@ -124,3 +133,25 @@ def read_version_manifest(version_dir: Path) -> dict:
 
 def resolve_global(ref: Path | str) -> Path:
     return Registry(ref).resolve(ref)
+
+
+def checked_version(ref: Path | str, config: FederationConfig) -> tuple[Path, dict]:
+    """A global version of this federation, its adapter file checked against its manifest.
+
+    Args:
+        ref: a registry (its LATEST is used) or a global version folder.
+        config: the federation the version must belong to (same base model and LoRA settings).
+
+    Returns:
+        The version folder and its manifest.
+    """
+    folder = resolve_global(ref)
+    manifest = read_version_manifest(folder)
+    if manifest["base_model"]["sha256"] != config.base_model.sha256:
+        raise BadInput(f"{folder}: built on another base model than the federation's; use this federation's registry")
+    if manifest.get("lora") != config.lora.model_dump(mode="json"):
+        raise BadInput(f"{folder}: LoRA settings differ from federation.yaml's; use this federation's registry")
+    adapter = folder / "adapter_model.safetensors"
+    if sha256_file(adapter) != manifest["adapter_sha256"]:
+        raise BadInput(f"{adapter}: does not match the sha256 in its manifest; fetch the version again")
+    return folder, manifest

@@ -21,6 +21,7 @@ from fedtune.artifacts import read_json, sha256_file, write_bytes_atomic, write_
 from fedtune.baselines import parse_baselines, run_baselines
 from fedtune.config import Attack, FederationConfig, load_recipe
 from fedtune.data import prepare_site
+from fedtune.data.sources import check_input
 from fedtune.errors import BadInput
 from fedtune.evaluate import evaluate
 from fedtune.federation import init_federation
@@ -58,8 +59,9 @@ def simulate(
     inputs = {site.name: [recipe_dir / p for p in site.inputs] for site in recipe.sites}
     for site, paths in inputs.items():
         for path in paths:
-            if not path.is_file():
+            if not path.exists():
                 raise BadInput(f"{recipe_path}: site {site}: input {path} not found")
+            check_input(path)
     if (out / "federation.yaml").exists() or (out / "registry").exists():
         raise BadInput(f"{out}: already holds a federation; choose an empty --out folder")
     attacks = {site.name: site.attack for site in recipe.sites if site.attack is not None}
@@ -70,15 +72,18 @@ def simulate(
     if method is not None:
         plan["aggregation"]["method"] = method
     log(f"init: {out / 'federation.yaml'} (model {recipe.model})")
-    config = init_federation(out, recipe.roster(), recipe.model, plan)
+    config = init_federation(out, recipe.roster(), recipe.model, plan, log=log)
+    # A recipe may name its model by folder; the federation records the id, so this run points at the folder.
+    model_dir = Path(recipe.model).expanduser() if Path(recipe.model).expanduser().is_dir() else None
     prepared = {}
     for site, paths in inputs.items():
         prepared[site] = out / "prepared" / site
-        prepare_site(config, site, paths, prepared[site], log=log)
+        prepare_site(config, site, paths, prepared[site], log=log, model_dir=model_dir)
     registry = Registry(out / "registry")
     data_dirs = list(prepared.values())
 
-    base_model = models.load_base_model(config.base_model.id)
+    base_model = models.load_base_model(
+        models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "simulate"))
     base_eval = evaluate(config, "base", data_dirs, base_model=base_model)
     report: dict = {
         "name": recipe.name, "method": config.aggregation.method, "attackers": {s: a.model_dump() for s, a in attacks.items()},
@@ -86,7 +91,7 @@ def simulate(
     }
     log("eval base: " + _fmt(report["base"]))
     for number in range(1, recipe.rounds + 1):
-        round_dir = train_round(config, prepared, registry.root, out / "updates", attacks, log=log)
+        round_dir = train_round(config, prepared, registry.root, out / "updates", attacks, log=log, model_dir=model_dir)
         result = aggregate_round(config, registry.root, round_dir, warn=log)
         scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
         report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()},
@@ -96,7 +101,7 @@ def simulate(
         honest = {site: folder for site, folder in prepared.items() if site not in attacks}
         report["baselines"] = run_baselines(
             config, honest, data_dirs, registry.path_of("v0000"), out / "baselines", kinds,
-            steps_per_site=recipe.rounds * config.training.steps, base_model=base_model, log=log)
+            steps_per_site=recipe.rounds * config.training.steps, base_model=base_model, log=log, model_dir=model_dir)
     write_report(out, report)
     return report
 
@@ -108,6 +113,8 @@ def train_round(
     updates: Path,
     attacks: dict[str, Attack] | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    *,
+    model_dir: Path | None = None,
 ) -> Path:
     """Every site trains its update from the registry's LATEST; attackers then forge theirs.
 
@@ -117,7 +124,7 @@ def train_round(
     attacks = attacks or {}
     folder = None
     for site, data in prepared.items():
-        folder = train_local(config, site, data, registry, updates, log=log)
+        folder = train_local(config, site, data, registry, updates, log=log, model_dir=model_dir)
         if site in attacks:
             forge_update(folder, attacks[site])
             log(f"{site}: sent a forged update ({attacks[site].kind}, factor {attacks[site].factor:g})")

@@ -25,12 +25,8 @@ from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.contract import chat_template_sha, require_contract
 from fedtune.data.prepare import read_prepared
 from fedtune.errors import BadInput, StageFailed
-from fedtune.registry import read_version_manifest, resolve_global
+from fedtune.registry import checked_version, round_dir_name
 
-
-
-def round_dir_name(number: int) -> str:
-    return f"round-{number:04d}"
 
 
 def _batches(ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
@@ -139,6 +135,8 @@ def train_local(
     lr: float | None = None,
     batch_size: int | None = None,
     log: Callable[[str], None] = lambda _msg: None,
+    *,
+    model_dir: Path | None = None,
 ) -> Path:
     """Train one site's update for the round after the given global version.
 
@@ -150,6 +148,7 @@ def train_local(
         updates: the updates root; the update goes to updates/round-NNNN/<site>/.
         steps, lr, batch_size: override the federation's training defaults.
         log: receives progress lines.
+        model_dir: the folder holding this site's copy of the base model (else FEDTUNE_MODEL_DIR or its id).
 
     Returns:
         The update folder.
@@ -159,14 +158,7 @@ def train_local(
     config.require_site(site, "train-local")
     overrides = {k: v for k, v in {"steps": steps, "lr": lr, "batch_size": batch_size}.items() if v is not None}
     train = parse_model(TrainingSettings, {**config.training.model_dump(), **overrides}, "train-local")
-    parent_dir = resolve_global(global_ref)
-    parent = read_version_manifest(parent_dir)
-    if parent["base_model"]["sha256"] != config.base_model.sha256:
-        raise BadInput(f"{parent_dir}: built on another base model than the federation's; use this federation's registry")
-    if parent.get("lora") != config.lora.model_dump(mode="json"):
-        raise BadInput(f"{parent_dir}: LoRA settings differ from federation.yaml's; use this federation's registry")
-    if sha256_file(parent_dir / ADAPTER_FILE) != parent["adapter_sha256"]:
-        raise BadInput(f"{parent_dir / ADAPTER_FILE}: does not match the sha256 in its manifest; fetch the version again")
+    parent_dir, parent = checked_version(global_ref, config)
     number = parent["round"] + 1
     target = updates / round_dir_name(number) / site
     if target.exists():
@@ -174,14 +166,14 @@ def train_local(
     card, ids, labels = read_prepared(data, config, "train")
     if card["site"] != site:
         raise BadInput(f"{data / 'data_card.json'}: prepared for site '{card['site']}', not '{site}'")
-    models.check_fingerprint(config.base_model.id, config.base_model.sha256, "train-local")
-    tokenizer = models.load_tokenizer(config.base_model.id)
+    weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "train-local")
+    tokenizer = models.load_tokenizer(weights)
     require_contract(card, config, models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer), data)
 
     # Seeds differ by site and round so sites do not draw the same batches, yet every rerun is identical.
     seed = config.seed + 1000 * number + zlib.crc32(site.encode()) % 1000
     torch.manual_seed(seed)
-    base = models.load_base_model(config.base_model.id)
+    base = models.load_base_model(weights)
     # The site starts from the global version's first `rank` components: all of them at the
     # federation's rank, the best truncation for a smaller one (svd/stack versions are in SVD order).
     rank = config.site_rank(site)

@@ -3,15 +3,25 @@ federation initialised on them. Everything is offline and takes a few seconds.""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A Hugging Face cache of the test session's own (read when huggingface_hub is imported): the tiny model is
+# placed in it under a hub id, as a downloaded model would be, and nothing lands in the user's cache.
+_HUB_CACHE = tempfile.mkdtemp(prefix="fedtune-test-hub-")
+os.environ["HF_HUB_CACHE"] = _HUB_CACHE
+atexit.register(shutil.rmtree, _HUB_CACHE, ignore_errors=True)
+os.environ.pop("FEDTUNE_MODEL_DIR", None)
+TINY_HUB_ID = "fedtune-tests/tiny-llama"
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -54,14 +64,25 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def hub_snapshot(hub_id: str, revision: str = "0" * 40) -> Path:
+    """The snapshot folder of `hub_id` in the session's Hugging Face cache, laid out as a download leaves it."""
+    repo = Path(_HUB_CACHE) / f"models--{hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    folder = repo / "snapshots" / revision
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer trained on the sample data."""
+    """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer trained on the sample data, in the session's
+    Hugging Face cache as `fedtune-tests/tiny-llama` (the folder returned is its snapshot)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    folder = hub_snapshot(TINY_HUB_ID)
     corpus = [f"{r['instruction']} {r['output']}" for site in TOPICS for r in site_records(site)]
     corpus += ["user assistant system", "Contact me at someone@example.org or +44 20 7946 0958."]
     tok = Tokenizer(models.BPE())

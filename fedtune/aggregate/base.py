@@ -25,7 +25,6 @@ import torch
 @dataclass(frozen=True)
 class Method:
     name: ClassVar[str]
-    summary: ClassVar[str]
     # False: every valid update counts equally whatever its num_examples (robust rules).
     weighted: ClassVar[bool] = True
     # True: the method reads the factors' products, so the manifest's reconstruction error is its own.

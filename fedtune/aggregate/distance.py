@@ -56,7 +56,6 @@ class Krum(LinearMethod):
     """
 
     name: ClassVar[str] = "krum"
-    summary: ClassVar[str] = "the one update with the smallest sum of squared distances to its n−f−2 nearest others (f = byzantine)"
     weighted: ClassVar[bool] = False
     needs_gram: ClassVar[bool] = True
     byzantine: int = 1
@@ -82,7 +81,6 @@ class MultiKrum(LinearMethod):
     """
 
     name: ClassVar[str] = "multi-krum"
-    summary: ClassVar[str] = "weighted mean of the keep (default n−f) updates with the best Krum scores"
     needs_gram: ClassVar[bool] = True
     byzantine: int = 1
     keep: int | None = None
@@ -115,7 +113,6 @@ class GeoMedian(LinearMethod):
     """
 
     name: ClassVar[str] = "geomedian"
-    summary: ClassVar[str] = "weighted geometric median of the whole updates (smoothed Weiszfeld, RFA)"
     needs_gram: ClassVar[bool] = True
     eps: float = 1e-6
     maxiter: int = 100
@@ -154,7 +151,6 @@ class CenteredClip(LinearMethod):
     """
 
     name: ClassVar[str] = "centered-clip"
-    summary: ClassVar[str] = "centered clipping from the parent: v ← v + mean_i clip_τ(δ_i − v), τ = radius or the median update norm"
     weighted: ClassVar[bool] = False
     needs_gram: ClassVar[bool] = True
     radius: float | None = None

@@ -78,7 +78,6 @@ class Svd(LoraMethod):
     """FlexLoRA-style: the exact weighted mean of the products, truncated to the federation's rank."""
 
     name: ClassVar[str] = "svd"
-    summary: ClassVar[str] = "exact weighted mean of the products B·A, re-factored to the federation's rank (best rank-r fit)"
 
     def merge_layer(self, bs, as_, weights, rank):
         return refactor(bs, as_, weights, rank)
@@ -91,7 +90,6 @@ class Stack(LoraMethod):
     best truncation at its rank."""
 
     name: ClassVar[str] = "stack"
-    summary: ClassVar[str] = "FLoRA stacking: exact mean of the products, the version's rank grows to the sum of the sites' ranks"
 
     def output_rank(self, federation_rank: int, site_ranks: list[int]) -> int:
         return sum(site_ranks)

@@ -16,7 +16,6 @@ class FedAvg(LinearMethod):
     manifest records by how much."""
 
     name: ClassVar[str] = "fedavg"
-    summary: ClassVar[str] = "weighted mean of A and of B separately (what most tools do; inexact, the error is recorded)"
     # Only the factor-averaging rules need the engine to measure ‖ΔW* − B′A′‖ separately.
     averages_factors: ClassVar[bool] = True
 
@@ -30,4 +29,3 @@ class FFA(FedAvg):
     exact mean of the products (ΔW is linear in B) — and half the traffic."""
 
     name: ClassVar[str] = "ffa"
-    summary: ClassVar[str] = "A frozen at the seeded init, sites train B only; B ← Σp_k B_k (exact, half the traffic)"

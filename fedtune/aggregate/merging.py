@@ -85,7 +85,6 @@ class Ties(CoordinateMethod):
     """
 
     name: ClassVar[str] = "ties"
-    summary: ClassVar[str] = "TIES merging: keep the top density of each delta by magnitude, elect signs, average the agreeing entries"
     density: float = 0.5
     majority_sign_method: str = "total"
 
@@ -107,7 +106,6 @@ class Dare(CoordinateMethod):
     """
 
     name: ClassVar[str] = "dare"
-    summary: ClassVar[str] = "DARE: random drop (keep density, rescale 1/density) then weighted sum; seeded per key"
     density: float = 0.5
     seed: int = 0
 
@@ -125,7 +123,6 @@ class DareTies(CoordinateMethod):
     """DARE's random drop and rescale, then TIES sign election and disjoint merge (Yu et al. 2024)."""
 
     name: ClassVar[str] = "dare-ties"
-    summary: ClassVar[str] = "DARE random drop and rescale, then TIES sign election and disjoint merge; seeded per key"
     density: float = 0.5
     seed: int = 0
     majority_sign_method: str = "total"

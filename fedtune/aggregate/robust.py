@@ -144,7 +144,6 @@ class TrimmedMean(CoordinateMethod):
     """
 
     name: ClassVar[str] = "trimmed-mean"
-    summary: ClassVar[str] = "coordinate-wise mean after dropping the ⌊trim·K⌋ largest and smallest values (unweighted)"
     weighted: ClassVar[bool] = False
     trim: float = 0.2
 
@@ -172,7 +171,6 @@ class WeightedTrimmedMean(CoordinateMethod):
     """
 
     name: ClassVar[str] = "weighted-trimmed-mean"
-    summary: ClassVar[str] = "coordinate-wise weighted mean after removing trim of the weight mass from each tail"
     trim: float = 0.2
 
     def __post_init__(self) -> None:
@@ -216,7 +214,6 @@ class Median(CoordinateMethod):
     """
 
     name: ClassVar[str] = "median"
-    summary: ClassVar[str] = "coordinate-wise median (mean of the two middle values when K is even; unweighted)"
     weighted: ClassVar[bool] = False
 
     def check(self, count: int) -> None:

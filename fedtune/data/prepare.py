@@ -29,7 +29,7 @@ from fedtune.artifacts import (
     stamp,
     write_json_atomic,
 )
-from fedtune.config import FederationConfig
+from fedtune.config import ColumnMap, FederationConfig
 from fedtune.data.contract import (
     chat_template_sha,
     check_tokenizer,
@@ -37,7 +37,7 @@ from fedtune.data.contract import (
     pii_policy,
 )
 from fedtune.data.dedup import near_duplicates
-from fedtune.data.sources import read_records
+from fedtune.data.sources import check_input, input_sha256, read_records
 from fedtune.data.tokenize import IGNORE, Packer
 from fedtune.errors import BadInput
 
@@ -52,13 +52,22 @@ def _in_eval(keys: np.ndarray, fraction: float) -> np.ndarray:
     return (keys & 0xFFFFFFFF) / 0x100000000 < fraction
 
 
-def _generate(sources: list[tuple[int, str]]):
+def _generate(sources: list[tuple[int, str]], columns: dict[str, str] | None):
     # datasets splits a list in gen_kwargs into shards (one call per file), so each path carries its own
     # index: enumerate() here would number every file 0.
     for index, path in sources:
-        for record in read_records(Path(path)):
+        for record in read_records(Path(path), columns):
             messages = None if record.messages is None else json.dumps(record.messages, ensure_ascii=False)
-            yield {"text": record.text, "messages": messages, "source": index}
+            # A row the reader could not use keeps its place with its reason, so the card counts it.
+            yield {"text": record.text, "messages": messages, "source": index, "drop": record.drop}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that would lose something: a file, or a folder with files in it (unless overwrite)."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: --out is a file; give a folder to write the prepared data into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"{out}: --out already holds files; give --overwrite to replace them, or a new folder")
 
 
 def _read_site_deny_list(path: Path | None) -> list[str]:
@@ -152,19 +161,25 @@ def prepare_site(
     num_proc: int | None = None,
     deny_list: Path | None = None,
     ner_model: Path | None = None,
+    model_dir: Path | None = None,
+    columns: ColumnMap | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Read, filter, scrub, dedup, tokenize, pack and split one site's raw files; returns the data card.
 
     Args:
         config: the federation (model, seq_len, data settings, contract).
         site: this site's roster name.
-        inputs: raw files (.jsonl, .csv, .parquet, .txt).
+        inputs: raw files (.jsonl, .csv, .parquet, .arrow, .txt) or dataset folders (save_to_disk, shards).
         out: folder to write train.parquet, eval.parquet and data_card.json into (unused on a dry run).
         log: receives progress lines.
         dry_run: compute the data card only; nothing is written.
         num_proc: worker processes (default: the machine's cores).
         deny_list: this site's own file of terms to redact (names, project codes), one per line.
         ner_model: a local token-classification model folder; person names it finds become <PERSON>.
+        model_dir: the folder holding this site's copy of the base model (else FEDTUNE_MODEL_DIR or its id).
+        columns: which of the inputs' columns hold each record part; replaces the federation's data.columns.
+        overwrite: replace an `out` folder that already holds files (else it is refused before any work).
     """
     # Presidio, datatrove and the language model load here, not when train-local imports read_prepared.
     from fedtune.data.pii import PiiPolicy
@@ -174,13 +189,15 @@ def prepare_site(
     if not inputs:
         raise BadInput("prepare: give at least one --input file")
     for path in inputs:
-        if not Path(path).is_file():
-            raise BadInput(f"{path}: input file not found")
+        check_input(Path(path))
+    columns = columns or config.data.columns
     if out is None and not dry_run:
         raise BadInput("prepare: give --out (or --dry-run to only print the data card)")
+    if not dry_run:
+        _check_out(Path(out), overwrite)
     site_terms = _read_site_deny_list(deny_list)
-    models.check_fingerprint(config.base_model.id, config.base_model.sha256, "prepare")
-    tokenizer = models.load_tokenizer(config.base_model.id)
+    weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "prepare")
+    tokenizer = models.load_tokenizer(weights)
     fingerprint, template_sha = models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer)
     check_tokenizer(config, fingerprint, template_sha, "prepare")
     settings = config.data
@@ -190,7 +207,7 @@ def prepare_site(
         quality=list(settings.quality),
         pii=PiiPolicy.of(settings.pii, site_terms, str(ner_model) if ner_model else None),
         near=settings.dedup.near, ngram=settings.dedup.ngram, num_perm=settings.dedup.num_perm,
-        model_id=config.base_model.id,
+        model_dir=str(weights),
     )
     # Built here once (a bad --ner-model folder is refused before any work starts); forked workers inherit them.
     prepare_tools(plan, tokenizer)
@@ -207,9 +224,10 @@ def prepare_site(
         log(f"{site}: reading {', '.join(Path(p).name for p in inputs)}")
         try:
             raw = datasets.Dataset.from_generator(
-                _generate, gen_kwargs={"sources": [(i, str(p)) for i, p in enumerate(inputs)]}, cache_dir=work,
+                _generate, gen_kwargs={"sources": [(i, str(p)) for i, p in enumerate(inputs)],
+                                       "columns": columns.mapping() if columns else None}, cache_dir=work,
                 features=datasets.Features({"text": datasets.Value("string"), "messages": datasets.Value("string"),
-                                            "source": datasets.Value("int32")}),
+                                            "source": datasets.Value("int32"), "drop": datasets.Value("string")}),
             )
         except DatasetGenerationError as err:
             cause = err.__cause__ or err.__context__
@@ -234,7 +252,9 @@ def prepare_site(
         in_eval = _in_eval(keys[keep], settings.eval_fraction)
         splits = {"train": keep[~in_eval], "eval": keep[in_eval]}
         if len(keep) < 2:
-            raise BadInput(f"prepare: only {len(keep)} usable record(s) in {', '.join(map(str, inputs))}; need at least 2")
+            why = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none"
+            raise BadInput(f"prepare: only {len(keep)} usable record(s) in {', '.join(map(str, inputs))} "
+                           f"(dropped: {why}); need at least 2")
         if not len(splits["eval"]):  # a tiny site still gets a held-out record
             splits = {"train": keep[1:], "eval": keep[:1]}
         if not len(splits["train"]):
@@ -262,7 +282,7 @@ def prepare_site(
         card = {
             "format": CARD_FORMAT,
             "site": site,
-            "sources": [{"name": Path(p).name, "sha256": sha256_file(Path(p)), "records": int(sources_count.get(i, 0))}
+            "sources": [{"name": Path(p).name, "sha256": input_sha256(Path(p)), "records": int(sources_count.get(i, 0))}
                         for i, p in enumerate(inputs)],
             "records": {"read": read, "kept": len(keep), "train": len(splits["train"]),
                         "eval": len(splits["eval"])},

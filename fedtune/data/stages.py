@@ -35,7 +35,7 @@ class Plan:
     near: bool
     ngram: int
     num_perm: int
-    model_id: str = ""
+    model_dir: str = ""
 
 
 @dataclass
@@ -83,9 +83,11 @@ def analyze_batch(batch: dict, plan: Plan) -> dict:
     tools = prepare_tools(plan)
     out: dict[str, list] = {k: [] for k in ("text", "messages", "source", "drop", "key", "lang", "pii", "signature")}
     normalized_kept: list[tuple[int, str]] = []
-    for i, (text, messages, source) in enumerate(zip(batch["text"], batch["messages"], batch["source"])):
+    rows = zip(batch["text"], batch["messages"], batch["source"], batch["drop"])
+    for i, (text, messages, source, read_drop) in enumerate(rows):
         record = to_record(text, messages)
-        drop = length_verdict(record, plan.min_chars, plan.max_chars)
+        # A row the reader could not use arrives with its reason (e.g. unknown_role) and stays dropped.
+        drop = read_drop or length_verdict(record, plan.min_chars, plan.max_chars)
         lang = UNDETERMINED
         if drop is None:
             joined = "\n".join(record.contents())
@@ -125,7 +127,7 @@ def tokenize_batch(batch: dict, plan: Plan) -> dict:
 
     tools = prepare_tools(plan)
     if tools.tokenizer is None:
-        tools.tokenizer = models.load_tokenizer(plan.model_id)
+        tools.tokenizer = models.load_tokenizer(plan.model_dir)
     records = [to_record(text, messages) for text, messages in zip(batch["text"], batch["messages"])]
     pairs = tokenize_records(tools.tokenizer, records)
     return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}

@@ -51,6 +51,17 @@ def test_embedded_round_loads_with_plain_peft(tmp_path):
     assert not base.config.to_dict().get("quantization_config")
     assert (after - before).abs().max() > 1e-4
 
+    # The version's adapter config names the embedded base by a name transformers resolves offline, so peft's
+    # one-call loader works too, and gives the same model.
+    from peft import AutoPeftModelForCausalLM
+
+    adapter_config = json.loads((registry / "v0001" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == models.loadable_name(config.base_model.id)
+    assert not adapter_config["base_model_name_or_path"].startswith("embedded:")
+    auto = AutoPeftModelForCausalLM.from_pretrained(registry / "v0001")
+    with torch.no_grad():
+        assert torch.allclose(auto(input_ids=ids).logits, after, atol=1e-5)
+
     scores = evaluate(config, registry / "v0001", list(prepared.values()))
     base_scores = evaluate(config, "base", list(prepared.values()))
     for site in prepared:

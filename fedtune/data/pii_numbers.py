@@ -1,0 +1,256 @@
+"""Number-shaped PII: phone numbers, payment card numbers and national IDs, as Presidio recognizers.
+
+Phone numbers are found by their layout first, so that a number of any country is caught whatever the
+federation's `data.pii.countries` say: an international prefix (`+CC`, `00CC`), a trunk `0`, an area code in
+brackets, the 3-3-4 groups of North America, an extension (`x123`, `ext. 12`). A number without any of these
+(`612 34 56 78`, `4155550100`) is a phone number only when phonenumbers finds it valid in the numbering plan
+of one of those countries. Card numbers are 12 to 19 digits (ISO/IEC 7812) that pass Luhn; national IDs pass
+their country's check (python-stdnum).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+
+import phonenumbers
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer import predefined_recognizers as pr
+
+LANGUAGE = "en"
+PHONE_ENTITY = "PHONE_NUMBER"
+CARD_ENTITY = "CREDIT_CARD"
+_SPACE = "[ \u00a0\u202f]"
+
+# Dates and times are written with the same separators as phone numbers (31.01.2024, 2024-01-31, 08.00-17.00);
+# they are blanked out before phone numbers are looked for, so that none is read as one, or as part of one.
+_DATE_OR_TIME = re.compile(
+    r"(?<![\w.,/-])(?:"
+    r"[0-3]?\d([./-])[01]?\d\1(?:19|20)?\d{2}"      # 31.01.2024, 31/01/24
+    r"|[01]?\d([./-])[0-3]?\d\2(?:19|20)?\d{2}"     # 01/31/2024
+    r"|(?:19|20)\d{2}([./-])[01]?\d\3[0-3]?\d"      # 2024-01-31
+    r"|[0-2]?\d[.:h][0-5]\d(?:\s?[-\u2013]\s?[0-2]?\d[.:h][0-5]\d)?"  # 08.30, 08.00-17.00
+    r")(?![\w]|[.,/-]\d)"
+)
+# Digit groups joined by one separator each: a space, a dot, a dash or slash (spaces around it allowed), or a
+# bracket ("+44 (0)20", "(0118)4960177"); then an optional extension. Not glued to a word or another number.
+_PHONE_CHAIN = re.compile(
+    rf"(?<![\w+/-])(?<!\d[.,])(?:\+{_SPACE}?)?(?:\(\+?\d{{1,5}}\)|\d+)"
+    rf"(?:(?:{_SPACE}?[-/]{_SPACE}?|\.|{_SPACE}|(?<=\))|(?=\())(?:\(\d{{1,5}}\)|\d+))*"
+    rf"(?:{_SPACE}?(?:x|ext\.?|extn\.?|extension){_SPACE}?\d{{1,6}})?(?![\w]|[.,]\d)",
+    re.IGNORECASE,
+)
+_EXTENSION = re.compile(rf"{_SPACE}?(?:x|ext\.?|extn\.?|extension){_SPACE}?\d{{1,6}}$", re.IGNORECASE)
+_GROUP = re.compile(r"\(\+?\d+\)|\d+")
+_NANP = re.compile(r"(?:\+?1[-. ]?)?(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}")
+_BRACKETED_AREA = re.compile(r"\(\+?\d{2,5}\)")
+
+
+def _phone_layout(text: str, digits: str, extension: bool) -> bool:
+    """Whether `text` (no extension) is laid out as only a phone number is, in any country."""
+    if text.startswith("+") or (digits.startswith("00") and not digits.startswith("000")):
+        body = digits[1:] if text.startswith("+") else digits[2:]
+        code = next((int(body[:n]) for n in (1, 2, 3) if int(body[:n] or 0) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE),
+                    None)
+        # E.164 numbers have at most 15 digits; the national part at least 6 (the shortest in use).
+        return code is not None and len(body) <= 15 and len(body) - len(str(code)) >= 6
+    if _BRACKETED_AREA.match(text) or digits.startswith("0") or extension:
+        return 8 <= len(digits) <= 13
+    return bool(_NANP.fullmatch(text))
+
+
+def phone_number_ok(text: str, regions: tuple[str, ...]) -> bool:
+    """A phone number by its layout, or valid in the numbering plan of one of `regions`."""
+    extension = _EXTENSION.search(text)
+    main = text[:extension.start()] if extension else text
+    digits = re.sub(r"\D", "", main.replace("(0)", ""))
+    if not 7 <= len(digits) <= 17:
+        return False
+    if _phone_layout(main, digits, extension is not None):
+        return True
+    for region in regions:
+        try:
+            if phonenumbers.is_valid_number(phonenumbers.parse(main, region)):
+                return True
+        except phonenumbers.NumberParseException:
+            return False
+    return False
+
+
+def _sub_chains(text: str, start: int, end: int):
+    """The whole chain, then without its first group (a room or case number before the phone number), then
+    shorter from the end (a number after it): (start, end) spans, longest first."""
+    groups = [m.span() for m in _GROUP.finditer(text, start, end)]
+    yield start, end
+    if len(groups) > 2:
+        yield groups[1][0], end
+    for last in range(len(groups) - 2, 0, -1):
+        yield start, groups[last][1]
+
+
+class PhoneNumbers(EntityRecognizer):
+    """Phone numbers of any country by layout, and of `regions` by their numbering plans (see the module)."""
+
+    def __init__(self, regions: tuple[str, ...]):
+        self.regions = regions
+        super().__init__(supported_entities=[PHONE_ENTITY], supported_language=LANGUAGE, name="phone numbers")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text, entities, nlp_artifacts=None):
+        masked = _DATE_OR_TIME.sub(lambda m: " " * len(m.group(0)), text)
+        results = []
+        for match in _PHONE_CHAIN.finditer(masked):
+            for start, end in _sub_chains(masked, *match.span()):
+                span = masked[start:end]
+                if span.startswith("(") and ")" not in span:
+                    continue
+                if phone_number_ok(span, self.regions):
+                    results.append(RecognizerResult(PHONE_ENTITY, start, end, 0.5))
+                    break
+        return results
+
+
+# ------------------------------------------------------------------------------------------------ cards
+
+# Digit groups joined by single spaces or dashes; a card is written in groups of four (or 4-6-5, 4-6-4) or not
+# at all. The groups after the first hold three or more digits but the last (4111 1111 1111 1).
+_CARD_CHAIN = re.compile(r"(?<![\w+/-])(?<!\d[.,])\d+(?:[ -]\d+)*(?![\w]|[.,]\d)")
+
+
+def card_number_ok(value: str) -> bool:
+    from stdnum import luhn
+
+    digits = re.sub(r"\D", "", value)
+    return 12 <= len(digits) <= 19 and not digits.startswith("00") and luhn.is_valid(digits)
+
+
+class CardNumbers(EntityRecognizer):
+    """Payment card numbers: 12 to 19 digits (ISO/IEC 7812: 12-digit Maestro, 15-digit JCB, 19-digit Visa, …)
+    that pass Luhn. A run of groups is tried whole, then shorter from the end ('4111 1111 1111 1111 2 days')."""
+
+    def __init__(self):
+        super().__init__(supported_entities=[CARD_ENTITY], supported_language=LANGUAGE, name="card numbers")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text, entities, nlp_artifacts=None):
+        results = []
+        for match in _CARD_CHAIN.finditer(text):
+            groups = [m.span() for m in re.finditer(r"\d+", match.group(0))]
+            if len(groups) > 1 and groups[0][1] - groups[0][0] < 4:
+                groups = groups[1:]  # "on 3 4111 1111 1111 1111": the card starts at the second group
+            for last in range(len(groups), 0, -1):
+                if any(e - s < 3 for s, e in groups[1:last - 1]):
+                    continue
+                start, end = match.start() + groups[0][0], match.start() + groups[last - 1][1]
+                if card_number_ok(text[start:end]):
+                    results.append(RecognizerResult(CARD_ENTITY, start, end, 0.5))
+                    break
+        return results
+
+
+# ------------------------------------------------------------------------------------------------ national IDs
+
+def stdnum_check(module: str) -> Callable[[str], bool]:
+    validator = importlib.import_module(f"stdnum.{module}")
+    # Separators go first: some stdnum modules strip only '-' (us.ssn), but IDs are also written with spaces
+    # or dots (123 45 6789), as the recognizers' patterns allow.
+    return lambda value: validator.is_valid(re.sub(r"[\s./-]", "", value))
+
+
+def _us_ssn(value: str) -> bool:
+    # Written 123-45-6789 a number is an SSN whatever its area: generators and test data use the unissued
+    # 000, 666 and 9xx areas. Grouped otherwise or not at all, it must follow the allocation rules.
+    from stdnum.us import itin, ssn
+
+    if re.fullmatch(r"\d{3}-\d{2}-\d{4}", value):
+        return not itin.is_valid(value)
+    return ssn.is_valid(re.sub(r"[\s.-]", "", value))
+
+
+def _digit_sum(n: int) -> int:
+    return n // 10 + n % 10
+
+
+def _de_kvnr(value: str) -> bool:
+    """Krankenversichertennummer: a letter (A=01 … Z=26), eight digits and a check digit (weights 1, 2)."""
+    digits = f"{ord(value[0].upper()) - 64:02d}" + value[1:9]
+    return sum(_digit_sum(int(d) * (1 + i % 2)) for i, d in enumerate(digits)) % 10 == int(value[9])
+
+
+def _de_rvnr(value: str) -> bool:
+    """Rentenversicherungsnummer: area, birth date (DDMMYY), a letter, serial and a check digit."""
+    compact = re.sub(r"\s", "", value).upper()
+    digits = compact[:8] + f"{ord(compact[8]) - 64:02d}" + compact[9:11]
+    weights = (2, 1, 2, 5, 7, 1, 2, 1, 2, 1, 2, 1)
+    return (int(compact[2:4]) <= 31 and 1 <= int(compact[4:6]) % 50 <= 12
+            and sum(_digit_sum(int(d) * w) for d, w in zip(digits, weights)) % 10 == int(compact[11]))
+
+
+def _es_nss(value: str) -> bool:
+    """Número de la Seguridad Social: province, number and two control digits (mod 97)."""
+    digits = re.sub(r"\D", "", value)
+    return int(digits[:2]) <= 53 or int(digits[:2]) == 66 and int(digits[:10]) % 97 == int(digits[10:])
+
+
+def _pattern(entity: str, regex: str, score: float = 0.5) -> PatternRecognizer:
+    return PatternRecognizer(supported_entity=entity, patterns=[Pattern(entity.lower(), regex, score)],
+                             supported_language=LANGUAGE, global_regex_flags=re.MULTILINE)
+
+
+# The countries whose national IDs are recognized; for any other country only its phone numbers are.
+ID_COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "AT", "BE", "CA", "CH", "PL", "SE")
+
+
+def national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[str], bool] | None]]:
+    """(Presidio recognizer, placeholder type, validator) for one country's national IDs."""
+    # Country recognizers are filed under their country's language; one language for all keeps one pass.
+    if country == "US":
+        ssn = r"\b\d{3}([- .]?)\d{2}\1\d{4}\b"
+        return [(_pattern("US_SSN", ssn), "US_SSN", _us_ssn),
+                (pr.UsItinRecognizer(supported_language=LANGUAGE), "US_ITIN", stdnum_check("us.itin"))]
+    if country == "GB":
+        # The National Insurance number has no check digit. Any letters are taken: the reserved prefixes and
+        # suffixes (ZZ … T) are what generators and examples write.
+        nino = r"\b[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-Z]\b|\b[A-Z]{2} \d{6} [A-Z]\b"
+        return [(_pattern("UK_NINO", nino), "UK_NINO", None),
+                (pr.NhsRecognizer(supported_language=LANGUAGE), "UK_NHS", stdnum_check("gb.nhs"))]
+    if country == "DE":
+        # Steuer-IdNr: 11 digits, compact or grouped 2-3-3-3 as on tax letters; ISO 7064 mod 11,10 (stdnum).
+        # Versichertennummer of the health insurance card (10 characters, sometimes followed by the 10 digits
+        # of the card), and the pension insurance number.
+        return [(_pattern("DE_TAX_ID", r"\b[1-9]\d ?\d{3} ?\d{3} ?\d{3}\b"), "DE_TAX_ID", stdnum_check("de.idnr")),
+                (_pattern("DE_KVNR", r"\b[A-Z]\d{9}(?:\d{10})?\b"), "DE_KVNR", _de_kvnr),
+                (_pattern("DE_RVNR", r"\b\d{2} ?\d{6} ?[A-Z] ?\d{3}\b"), "DE_RVNR", _de_rvnr)]
+    if country == "FR":
+        # Numéro de sécurité sociale (NIR): sex, year, month, department, commune, order, key.
+        nir = r"\b[12][ .]?\d{2}[ .]?(?:0[1-9]|1[0-2]|[2-9]\d)[ .]?(?:\d{2}|2[AB])[ .]?\d{3}[ .]?\d{3}[ .]?\d{2}\b"
+        return [(_pattern("FR_NIR", nir), "FR_NIR", stdnum_check("fr.nir"))]
+    if country == "ES":
+        return [(pr.EsNifRecognizer(supported_language=LANGUAGE), "ES_NIF", stdnum_check("es.nif")),
+                (pr.EsNieRecognizer(supported_language=LANGUAGE), "ES_NIE", stdnum_check("es.nie")),
+                (_pattern("ES_NSS", r"\b\d{2}[ /-]?\d{8}[ /-]?\d{2}\b"), "ES_NSS", _es_nss)]
+    if country == "IT":
+        return [(pr.ItFiscalCodeRecognizer(supported_language=LANGUAGE), "IT_FISCAL_CODE",
+                 stdnum_check("it.codicefiscale"))]
+    if country == "NL":
+        # Burgerservicenummer: nine digits, optionally grouped 4-2-3, with the eleven-test as its checksum.
+        return [(_pattern("NL_BSN", r"\b\d{4}[ .]?\d{2}[ .]?\d{3}\b", 0.3), "NL_BSN", stdnum_check("nl.bsn"))]
+    if country == "AT":  # Sozialversicherungsnummer: serial, check digit, birth date
+        return [(_pattern("AT_SVNR", r"\b\d{4} ?\d{6}\b"), "AT_SVNR", stdnum_check("at.vnr"))]
+    if country == "BE":  # Rijksregisternummer / numéro national: birth date, serial, mod 97
+        return [(_pattern("BE_NN", r"\b\d{2}[.]?\d{2}[.]?\d{2}[-.]?\d{3}[-.]?\d{2}\b"), "BE_NN", stdnum_check("be.nn"))]
+    if country == "CA":  # Social Insurance Number, Luhn; written 3-3-3
+        return [(_pattern("CA_SIN", r"\b\d{3}[- ]\d{3}[- ]\d{3}\b"), "CA_SIN", stdnum_check("ca.sin"))]
+    if country == "CH":  # AHV-Nummer: 756, then EAN-13's check
+        return [(_pattern("CH_AHV", r"\b756[.]?\d{4}[.]?\d{4}[.]?\d{2}\b"), "CH_AHV", stdnum_check("ch.ssn"))]
+    if country == "PL":  # PESEL: birth date, serial, check digit
+        return [(_pattern("PL_PESEL", r"\b\d{11}\b"), "PL_PESEL", stdnum_check("pl.pesel"))]
+    if country == "SE":  # personnummer: birth date, serial, Luhn; written with its '-' (or '+' past 100)
+        return [(_pattern("SE_PERSONNUMMER", r"\b(?:\d{2})?\d{6}[-+]\d{4}\b"), "SE_PERSONNUMMER",
+                 stdnum_check("se.personnummer"))]
+    return []

@@ -1,0 +1,51 @@
+"""`fedtune status`: what the coordinator needs to know before running `aggregate`.
+
+Reads the registry and the updates folder only; never loads a model or a tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtune.config import SITE_NAME, FederationConfig
+from fedtune.registry import Registry, read_version_manifest, round_dir_name
+
+
+def federation_status(config: FederationConfig, registry_root: Path, updates: Path) -> dict:
+    """The latest version, the round it waits for, which sites have sent an update, and the quorum.
+
+    Args:
+        config: the federation (roster and quorum).
+        registry_root: the registry folder.
+        updates: the updates root, holding round-NNNN/<site>/ folders.
+
+    Returns:
+        {"latest": {version, round, method, contributors, created}, "round", "quorum", "ready",
+         "waiting": {"folder", "sites", "missing", "unknown"}}
+    """
+    import re
+
+    registry = Registry(registry_root)
+    latest_dir = registry.latest()
+    manifest = read_version_manifest(latest_dir)
+    number = int(manifest["round"]) + 1
+    folder = updates / round_dir_name(number)
+    sent = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "manifest.json").is_file()) \
+        if folder.is_dir() else []
+    roster = config.site_names()
+    # A name that is not a valid site name is shown escaped: folder names come from whoever wrote them.
+    unknown = [s if re.match(SITE_NAME, s) else ascii(s) for s in sent if s not in roster]
+    arrived = [s for s in sent if s in roster]
+    quorum = config.aggregation.quorum
+    return {
+        "latest": {
+            "version": manifest["version"], "round": manifest["round"], "method": manifest.get("method"),
+            "contributors": [c.get("site") for c in manifest.get("contributors", [])],
+            "created": manifest.get("created"),
+        },
+        "round": number,
+        "quorum": quorum,
+        "ready": len(arrived) >= quorum,
+        "waiting": {"folder": str(folder), "sites": arrived, "missing": [s for s in roster if s not in arrived],
+                    "unknown": unknown},
+    }
