@@ -26,7 +26,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 ConfigOpt = Annotated[Path, typer.Option("--config", help="the federation.yaml")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 ModelOpt = Annotated[Optional[Path], typer.Option(
-    "--model", help="folder holding this machine's copy of the base model [default: $FEDTUNE_MODEL_DIR, else found "
+    "--model", help="folder holding this machine's copy of the base model \\[default: $FEDTUNE_MODEL_DIR, else found "
                     "by the federation's model id: embedded, or the Hugging Face cache]")]
 
 
@@ -120,9 +120,9 @@ def init(
     site: Annotated[list[str], typer.Option("--site", help="a site on the roster (repeat); NAME:R gives it a smaller LoRA rank R")],
     model: Annotated[Optional[str], typer.Option(
         help="base model: a folder, a hub id in the local Hugging Face cache, or embedded:NAME "
-             "[default: embedded:SmolLM2-135M-Instruct]")] = None,
+             "\\[default: embedded:SmolLM2-135M-Instruct]")] = None,
     model_id: Annotated[Optional[str], typer.Option(
-        "--model-id", help="the id to record for a --model folder, e.g. its hub id [default: inferred from the "
+        "--model-id", help="the id to record for a --model folder, e.g. its hub id \\[default: inferred from the "
                            "folder: its Hugging Face cache entry, config.json, or the folder's name]")] = None,
     preset: Annotated[Optional[Path], typer.Option(
         "--from", help="a federation preset (configs/*.yaml) whose values start the federation file")] = None,
@@ -135,7 +135,10 @@ def init(
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="tokens per training sequence")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write FOLDER/federation.yaml and the seeded initial global version FOLDER/registry/v0000."""
+    """Write FOLDER/federation.yaml and the seeded initial global version FOLDER/registry/v0000.
+
+    FOLDER: the new federation's folder (created; it must not hold a federation already).
+    """
     from fedtune.federation import init_federation, load_preset, merge_settings
 
     overrides = load_preset(preset) if preset is not None else {}
@@ -227,9 +230,9 @@ def train_local_cmd(
     data: Annotated[Path, typer.Option(help="this site's prepared folder")],
     global_ref: Annotated[Path, typer.Option("--global", help="registry (its LATEST) or a global version folder")],
     updates: Annotated[Path, typer.Option("--out", help="updates root; writes round-NNNN/<site>/")],
-    steps: Annotated[Optional[int], typer.Option(help="optimizer steps [default: training.steps of the federation file]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate [default: training.lr]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="sequences per step [default: training.batch_size]")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps \\[default: training.steps of the federation file]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate \\[default: training.lr]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="sequences per step \\[default: training.batch_size]")] = None,
     model_dir: ModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -262,12 +265,12 @@ def aggregate(
     method: Annotated[Optional[str], typer.Option(help="aggregation method (see above)")] = None,
     trim: Annotated[Optional[float], typer.Option(help="trimmed means: fraction cut from each tail")] = None,
     byzantine: Annotated[Optional[int], typer.Option(help="krum, multi-krum: attackers tolerated (f)")] = None,
-    keep: Annotated[Optional[int], typer.Option(help="multi-krum: updates averaged [default: n - f]")] = None,
+    keep: Annotated[Optional[int], typer.Option(help="multi-krum: updates averaged \\[default: n - f]")] = None,
     density: Annotated[Optional[float], typer.Option(help="ties, dare: fraction of each delta kept")] = None,
     clip_norm: Annotated[Optional[float], typer.Option("--clip-norm", help="clip each site's delta to this L2 norm first")] = None,
     max_weight: Annotated[Optional[float], typer.Option("--max-weight", help="cap on any site's weight fraction")] = None,
     server_opt: Annotated[Optional[str], typer.Option("--server-opt", help="none, fedavgm, fedadagrad, fedadam or fedyogi")] = None,
-    server_lr: Annotated[Optional[float], typer.Option("--server-lr", help="server learning rate [default: 1, 0.01 adaptive]")] = None,
+    server_lr: Annotated[Optional[float], typer.Option("--server-lr", help="server learning rate \\[default: 1, 0.01 adaptive]")] = None,
     quorum: Annotated[Optional[int], typer.Option(help="fewest valid updates that make a round")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="fail the round on any invalid update")] = False,
     json_out: JsonOpt = False,
@@ -355,7 +358,10 @@ def simulate(
     baselines: Annotated[str, typer.Option("--baselines", help="also train local-only and/or centralized adapters: local,central")] = "",
     json_out: JsonOpt = False,
 ) -> None:
-    """Run a whole federation on this machine: init, prepare, rounds of train-local + aggregate, evaluate."""
+    """Run a whole federation on this machine: init, prepare, rounds of train-local + aggregate, evaluate.
+
+    RECIPE: a recipe folder holding recipe.yaml (e.g. recipes/quickstart), or a recipe file.
+    """
     from fedtune.report import report_rows
     from fedtune.simulate import simulate as run_simulate
 
@@ -373,9 +379,9 @@ def simulate(
 def status(
     registry: Annotated[Path, typer.Option(help="the registry folder")],
     config: Annotated[Optional[Path], typer.Option(
-        "--config", help="the federation.yaml [default: federation.yaml beside the registry]")] = None,
+        "--config", help="the federation.yaml \\[default: federation.yaml beside the registry]")] = None,
     updates: Annotated[Optional[Path], typer.Option(
-        help="the updates root holding round-NNNN/ folders [default: updates/ beside the registry]")] = None,
+        help="the updates root holding round-NNNN/ folders \\[default: updates/ beside the registry]")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """The coordinator's view: latest version, the round in progress, updates waiting, quorum."""

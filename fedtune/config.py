@@ -61,14 +61,16 @@ class TrainingSettings(Strict):
 
 
 PII_ENTITY_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID")
+DEFAULT_PII_COUNTRIES = ("US",)
 PLACEHOLDER_NAME = r"^[A-Z][A-Z0-9_]*$"
 
 
 class PiiSettings(Strict):
     """What `prepare` replaces with typed placeholders before any token is written (the PII policy)."""
 
-    entities: list[Literal["EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID"]] = list(PII_ENTITY_TYPES)
-    countries: list[str] = Field(["US"], description="ISO 3166 codes: phone numbers in their national formats "
+    entities: list[Literal["EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID"]] = Field(
+        list(PII_ENTITY_TYPES), description="PII types replaced by placeholders (NATIONAL_ID: the IDs of `countries`)")
+    countries: list[str] = Field(list(DEFAULT_PII_COUNTRIES), description="ISO 3166 codes: phone numbers in their national formats "
                                  "and their national IDs (US, GB, DE, FR, ES, IT, NL have ID checks)")
     patterns: dict[str, str] = Field({}, description="extra regexes, placeholder name → pattern (e.g. MRN: 'MRN-\\d{6}')")
     deny_list: list[str] = Field([], description="terms every site replaces (project code names); a site's own "

@@ -31,13 +31,14 @@ from presidio_analyzer.nlp_engine import NoOpNlpEngine
 from presidio_anonymizer import AnonymizerEngine
 from presidio_anonymizer.entities import OperatorConfig
 
-from fedtune.config import PII_ENTITY_TYPES, PiiSettings
+from fedtune.config import DEFAULT_PII_COUNTRIES, PII_ENTITY_TYPES, PiiSettings
+from fedtune.data.pii_numbers import CardNumbers, PhoneNumbers, card_number_ok, national_id_recognizers, stdnum_check
 
 DENY_LIST_TYPE = "REDACTED"
 PERSON_TYPE = "PERSON"
 LANGUAGE = "en"  # Presidio files every recognizer under a language; the pattern recognizers are language-free.
 
-# A phone number has at least 6 digits, written together or grouped; so do card numbers, IBANs and every
+# A phone number has at least 7 digits, written together or grouped; so do card numbers, IBANs and every
 # national ID but the Italian fiscal code.
 _PHONE_CANDIDATE = re.compile(r"\d(?:[\s().\-/]{0,3}\d){5}")
 # Cheap tests for what a text could hold, so that a recognizer only runs where it could find something:
@@ -47,78 +48,9 @@ _GATES = {
     "IP": re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|[0-9A-Fa-f]*:[0-9A-Fa-f]*:"),
     "IT_FISCAL_CODE": re.compile(r"[A-Za-z]{6}[0-9LMNPQRSTUVlmnpqrstuv]{2}[A-Za-z]"),
 }
-
-
-def _stdnum_check(module: str) -> Callable[[str], bool]:
-    import importlib
-
-    validator = importlib.import_module(f"stdnum.{module}")
-    # Separators go first: some stdnum modules strip only '-' (us.ssn), but IDs are also written with spaces
-    # or dots (123 45 6789), as the recognizers' patterns allow.
-    return lambda value: validator.is_valid(re.sub(r"[\s.-]", "", value))
-
-
-def _card_ok(value: str) -> bool:
-    from stdnum import luhn
-
-    digits = re.sub(r"\D", "", value)
-    return 13 <= len(digits) <= 19 and luhn.is_valid(digits)
-
-
-# Mastercard's 2-series (2221-2720), which Presidio's card pattern does not cover.
-_MASTERCARD_2 = r"\b(?:222[1-9]|22[3-9]\d|2[3-6]\d{2}|27[01]\d|2720)[- ]?\d{4}[- ]?\d{4}[- ]?\d{4}\b"
-
-# A date (31.01.2024, 09.12.05, 2024-01-31) can read as a valid number in some numbering plan (09.12.2005 is
-# 0912 2005 in Germany and Italy); phonenumbers itself only rules out slash-separated dates.
-_DATE = re.compile(r"[0-3]?\d([./-])[01]?\d\1(?:19|20)?\d{2}|(?:19|20)\d{2}([./-])[01]?\d\2[0-3]?\d")
-
-
-def _phone_span(text: str, start: int, end: int) -> tuple[int, int] | None:
-    """The span of a phone-number match without an unbalanced bracket phonenumbers took along (the '(' of
-    '(601-30-0336)'), or None for a date."""
-    if text[start] == "(" and ")" not in text[start:end]:
-        start += 1
-    if text[end - 1] == ")" and "(" not in text[start:end]:
-        end -= 1
-    if _DATE.fullmatch(text[start:end]):
-        return None
-    return start, end
-
-
-def _national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[str], bool] | None]]:
-    """(Presidio recognizer, placeholder type, stdnum validator) for one country's national IDs."""
-
-    def pattern(entity: str, regex: str, score: float = 0.5):
-        return PatternRecognizer(supported_entity=entity, patterns=[Pattern(entity.lower(), regex, score)],
-                                 supported_language=LANGUAGE, global_regex_flags=re.MULTILINE)
-
-    # Country recognizers are filed under their country's language; one language for all keeps one pass.
-    if country == "US":
-        return [(pr.UsSsnRecognizer(supported_language=LANGUAGE), "US_SSN", _stdnum_check("us.ssn")),
-                (pr.UsItinRecognizer(supported_language=LANGUAGE), "US_ITIN", _stdnum_check("us.itin"))]
-    if country == "GB":
-        # The National Insurance number has no check digit; its letter rules are Presidio's.
-        return [(pr.UkNinoRecognizer(supported_language=LANGUAGE), "UK_NINO", None),
-                (pr.NhsRecognizer(supported_language=LANGUAGE), "UK_NHS", _stdnum_check("gb.nhs"))]
-    if country == "DE":
-        # Steuer-IdNr: 11 digits, compact or grouped 2-3-3-3 as on tax letters (Presidio's pattern and check take
-        # only the compact form); ISO 7064 mod 11,10 is stdnum's check.
-        idnr = r"\b[1-9]\d ?\d{3} ?\d{3} ?\d{3}\b"
-        return [(pattern("DE_TAX_ID", idnr), "DE_TAX_ID", _stdnum_check("de.idnr"))]
-    if country == "FR":
-        # Numéro de sécurité sociale (NIR): sex, year, month, department, commune, order, key.
-        nir = r"\b[12][ .]?\d{2}[ .]?(?:0[1-9]|1[0-2]|[2-9]\d)[ .]?(?:\d{2}|2[AB])[ .]?\d{3}[ .]?\d{3}[ .]?\d{2}\b"
-        return [(pattern("FR_NIR", nir), "FR_NIR", _stdnum_check("fr.nir"))]
-    if country == "ES":
-        return [(pr.EsNifRecognizer(supported_language=LANGUAGE), "ES_NIF", _stdnum_check("es.nif")),
-                (pr.EsNieRecognizer(supported_language=LANGUAGE), "ES_NIE", _stdnum_check("es.nie"))]
-    if country == "IT":
-        return [(pr.ItFiscalCodeRecognizer(supported_language=LANGUAGE), "IT_FISCAL_CODE",
-                 _stdnum_check("it.codicefiscale"))]
-    if country == "NL":
-        # Burgerservicenummer: nine digits, optionally grouped 4-2-3, with the eleven-test as its checksum.
-        return [(pattern("NL_BSN", r"\b\d{4}[ .]?\d{2}[ .]?\d{3}\b", 0.3), "NL_BSN", _stdnum_check("nl.bsn"))]
-    return []
+# A number right after an international prefix or an area code in brackets ('+34 883010748',
+# '+43 (0) 2724 82447577', '(351) 923803236') is the rest of a phone number, whatever checksum it passes.
+_AFTER_COUNTRY_CODE = re.compile(r"(?:\+\d{0,3}[\s.-]?(?:\(0\)[\s.-]?)?|\(\+?\d{1,5}\)[\s.-]?)$")
 
 
 class _NoContext(ContextAwareEnhancer):
@@ -137,36 +69,10 @@ class _Iban(pr.IbanRecognizer):
     accepts; that check can pass 'ES29…2195 W' (an IBAN before a capitalised word), which stdnum then rejects,
     losing the IBAN. With stdnum's check here, the shorter, valid span is kept."""
 
-    _check = staticmethod(_stdnum_check("iban"))
+    _check = staticmethod(stdnum_check("iban"))
 
     def validate_result(self, pattern_text: str) -> bool:
         return self._check(pattern_text)
-
-
-class _Phones(pr.PhoneRecognizer):
-    """Presidio's phone recognizer, run on windows around runs of six or more digits instead of the whole
-    text: phonenumbers' matcher tries to parse every digit group of the text once per country, so a record
-    with one phone number and a few ordinary figures costs a fraction of it this way. Each window keeps
-    WINDOW_MARGIN characters on both sides, so the matcher still sees what is glued to a number."""
-
-    WINDOW_MARGIN = 24
-
-    def analyze(self, text, entities, nlp_artifacts=None):
-        windows: list[list[int]] = []
-        for match in _PHONE_CANDIDATE.finditer(text):
-            start = max(0, match.start() - self.WINDOW_MARGIN)
-            stop = min(len(text), match.end() + self.WINDOW_MARGIN)
-            if windows and start <= windows[-1][1]:
-                windows[-1][1] = stop  # overlapping windows become one
-            else:
-                windows.append([start, stop])
-        results = []
-        for start, stop in windows:
-            for result in super().analyze(text[start:stop], entities, nlp_artifacts):
-                result.start += start
-                result.end += start
-                results.append(result)
-        return results
 
 
 class DenyListTerms:
@@ -219,7 +125,7 @@ class PiiPolicy:
     NATIONAL_ID stands for the national IDs of the configured countries."""
 
     entities: list[str] = field(default_factory=lambda: list(PII_ENTITY_TYPES))
-    countries: list[str] = field(default_factory=lambda: ["US"])
+    countries: list[str] = field(default_factory=lambda: list(DEFAULT_PII_COUNTRIES))
     patterns: dict[str, str] = field(default_factory=dict)
     deny_list: list[str] = field(default_factory=list)
     ner_model: str | None = None
@@ -240,19 +146,16 @@ class PiiScrubber:
         if "EMAIL" in wanted:
             table.append((pr.EmailRecognizer(), "EMAIL", None))
         if "PHONE" in wanted:
-            # Leniency 1 keeps numbers valid in the numbering plan of one of the federation's countries; an
-            # international (+CC) number is recognized whichever country it belongs to.
-            table.append((_Phones(supported_regions=tuple(policy.countries), leniency=1), "PHONE", None))
+            table.append((PhoneNumbers(tuple(policy.countries)), "PHONE", None))
         if "CARD" in wanted:
-            card_patterns = [*pr.CreditCardRecognizer.PATTERNS, Pattern("Mastercard 2-series", _MASTERCARD_2, 0.3)]
-            table.append((pr.CreditCardRecognizer(patterns=card_patterns), "CARD", _card_ok))
+            table.append((CardNumbers(), "CARD", card_number_ok))
         if "IBAN" in wanted:
-            table.append((_Iban(), "IBAN", _stdnum_check("iban")))
+            table.append((_Iban(), "IBAN", stdnum_check("iban")))
         if "IP" in wanted:
             table.append((pr.IpRecognizer(), "IP", None))
         if "NATIONAL_ID" in wanted:
             for country in policy.countries:
-                table.extend(_national_id_recognizers(country))
+                table.extend(national_id_recognizers(country))
         always = []  # recognizers that also run on texts without digits
         for name, regex in policy.patterns.items():
             recognizer = PatternRecognizer(supported_entity=name, patterns=[Pattern(name.lower(), regex, 1.0)],
@@ -292,15 +195,10 @@ class PiiScrubber:
         """Presidio's findings in `text` that survive the checksums (and phone spans trimmed of brackets)."""
         confirmed = []
         for result in self._analyzer.analyze(text, language=LANGUAGE, entities=entities):
-            if self._placeholder.get(result.entity_type) == "PHONE":
-                span = _phone_span(text, result.start, result.end)
-                if span is None:
-                    continue
-                result.start, result.end = span
-            if self._placeholder.get(result.entity_type) == "CARD" and text[:result.start].endswith("+"):
-                continue  # '+4915163201630' passes Luhn, but a '+' starts a phone number, not a card
             validator = self._validator.get(result.entity_type)
             if validator is not None:
+                if _AFTER_COUNTRY_CODE.search(text, max(0, result.start - 12), result.start):
+                    continue  # '+4915163201630' passes Luhn, but a '+' starts a phone number, not a card
                 if not validator(text[result.start:result.end]):
                     continue  # a checksum says this is not the ID it looks like
                 result.score = 1.0  # a confirmed checksum outranks an overlapping phone-number guess

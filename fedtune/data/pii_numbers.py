@@ -10,6 +10,7 @@ their country's check (python-stdnum).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import Callable
@@ -36,7 +37,7 @@ _DATE_OR_TIME = re.compile(
 # Digit groups joined by one separator each: a space, a dot, a dash or slash (spaces around it allowed), or a
 # bracket ("+44 (0)20", "(0118)4960177"); then an optional extension. Not glued to a word or another number.
 _PHONE_CHAIN = re.compile(
-    rf"(?<![\w+/-])(?<!\d[.,])(?:\+{_SPACE}?)?(?:\(\+?\d{{1,5}}\)|\d+)"
+    rf"(?<![\w+/#\u2116-])(?<!\d[.,])(?:\+{_SPACE}?)?(?:\(\+?\d{{1,5}}\)|\d+)"
     rf"(?:(?:{_SPACE}?[-/]{_SPACE}?|\.|{_SPACE}|(?<=\))|(?=\())(?:\(\d{{1,5}}\)|\d+))*"
     rf"(?:{_SPACE}?(?:x|ext\.?|extn\.?|extension){_SPACE}?\d{{1,6}})?(?![\w]|[.,]\d)",
     re.IGNORECASE,
@@ -49,19 +50,24 @@ _BRACKETED_AREA = re.compile(r"\(\+?\d{2,5}\)")
 
 def _phone_layout(text: str, digits: str, extension: bool) -> bool:
     """Whether `text` (no extension) is laid out as only a phone number is, in any country."""
-    if text.startswith("+") or (digits.startswith("00") and not digits.startswith("000")):
-        body = digits[1:] if text.startswith("+") else digits[2:]
-        code = next((int(body[:n]) for n in (1, 2, 3) if int(body[:n] or 0) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE),
+    if text.startswith("+") or digits.startswith("00"):
+        body = digits if text.startswith("+") else digits[2:]
+        code = next((body[:n] for n in (1, 2, 3) if int(body[:n] or 0) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE),
                     None)
         # E.164 numbers have at most 15 digits; the national part at least 6 (the shortest in use).
-        return code is not None and len(body) <= 15 and len(body) - len(str(code)) >= 6
-    if _BRACKETED_AREA.match(text) or digits.startswith("0") or extension:
+        if code is not None and len(body) <= 15 and len(body) - len(code) >= 6:
+            return True
+        if text.startswith("+"):
+            return False
+    if digits.startswith("0") and not re.match(r"0\b", text):  # a trunk 0, not the 0 of 0.19906.3786
+        return 8 <= len(digits) <= 13
+    if _BRACKETED_AREA.match(text) or extension:
         return 8 <= len(digits) <= 13
     return bool(_NANP.fullmatch(text))
 
 
 def phone_number_ok(text: str, regions: tuple[str, ...]) -> bool:
-    """A phone number by its layout, or valid in the numbering plan of one of `regions`."""
+    """A phone number by its layout, or valid in the numbering plan of one of `regions` (empty: by layout only)."""
     extension = _EXTENSION.search(text)
     main = text[:extension.start()] if extension else text
     digits = re.sub(r"\D", "", main.replace("(0)", ""))
@@ -70,6 +76,10 @@ def phone_number_ok(text: str, regions: tuple[str, ...]) -> bool:
     if _phone_layout(main, digits, extension is not None):
         return True
     for region in regions:
+        # Where national numbers are dialled with a trunk 0 they are written with it; without it, the loose
+        # plans (Germany's above all) would take order and reference numbers for phone numbers.
+        if _trunk_prefix(region) == "0" and not digits.startswith("0"):
+            continue
         try:
             if phonenumbers.is_valid_number(phonenumbers.parse(main, region)):
                 return True
@@ -78,15 +88,23 @@ def phone_number_ok(text: str, regions: tuple[str, ...]) -> bool:
     return False
 
 
+@functools.cache
+def _trunk_prefix(region: str) -> str | None:
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    return metadata.national_prefix if metadata else None
+
+
 def _sub_chains(text: str, start: int, end: int):
-    """The whole chain, then without its first group (a room or case number before the phone number), then
-    shorter from the end (a number after it): (start, end) spans, longest first."""
+    """(start, end, whole) spans of a chain of digit groups to try, longest first: the whole chain, then without
+    its first group when a space follows it (a room or case number before the phone number), then shorter from
+    the end (numbers after it). A part cut from the end is only taken for its layout: some numbering plans
+    hold nearly every 8- or 9-digit number, and any long chain has such a part."""
     groups = [m.span() for m in _GROUP.finditer(text, start, end)]
-    yield start, end
-    if len(groups) > 2:
-        yield groups[1][0], end
+    yield start, end, True
+    if len(groups) > 2 and text[groups[0][1]].isspace():
+        yield groups[1][0], end, True
     for last in range(len(groups) - 2, 0, -1):
-        yield start, groups[last][1]
+        yield start, groups[last][1], False
 
 
 class PhoneNumbers(EntityRecognizer):
@@ -99,17 +117,25 @@ class PhoneNumbers(EntityRecognizer):
     def load(self) -> None:
         pass
 
+    def _first_number(self, text: str, start: int, end: int) -> tuple[int, int] | None:
+        for s, e, whole in _sub_chains(text, start, end):
+            span = text[s:e]
+            if (")" in span or not span.startswith("(")) and phone_number_ok(span, self.regions if whole else ()):
+                return s, e
+        return None
+
     def analyze(self, text, entities, nlp_artifacts=None):
         masked = _DATE_OR_TIME.sub(lambda m: " " * len(m.group(0)), text)
         results = []
         for match in _PHONE_CHAIN.finditer(masked):
-            for start, end in _sub_chains(masked, *match.span()):
-                span = masked[start:end]
-                if span.startswith("(") and ")" not in span:
-                    continue
-                if phone_number_ok(span, self.regions):
-                    results.append(RecognizerResult(PHONE_ENTITY, start, end, 0.5))
+            begin = match.start()
+            while (found := self._first_number(masked, begin, match.end())) is not None:
+                results.append(RecognizerResult(PHONE_ENTITY, found[0], found[1], 0.5))
+                # a chain may hold two numbers ("020 7946 0958 / 020 7946 0959")
+                rest = re.search(r"[(+\d]", masked[found[1]:match.end()])
+                if rest is None:
                     break
+                begin = found[1] + rest.start()
         return results
 
 
@@ -194,7 +220,7 @@ def _de_rvnr(value: str) -> bool:
 def _es_nss(value: str) -> bool:
     """Número de la Seguridad Social: province, number and two control digits (mod 97)."""
     digits = re.sub(r"\D", "", value)
-    return int(digits[:2]) <= 53 or int(digits[:2]) == 66 and int(digits[:10]) % 97 == int(digits[10:])
+    return (int(digits[:2]) <= 53 or digits[:2] == "66") and int(digits[:10]) % 97 == int(digits[10:])
 
 
 def _pattern(entity: str, regex: str, score: float = 0.5) -> PatternRecognizer:

@@ -182,7 +182,7 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def _other_model(folder: Path) -> Path:
+def _other_model(folder: Path):
     """A model of the tiny model's shape with other weights."""
     from transformers import AutoModelForCausalLM
 
