@@ -13,7 +13,7 @@ from fedtune import models
 from fedtune.config import FederationConfig
 from fedtune.data.prepare import read_prepared
 from fedtune.errors import BadInput
-from fedtune.registry import read_version_manifest
+from fedtune.registry import checked_version
 
 
 @torch.no_grad()
@@ -71,10 +71,7 @@ def evaluate(
     if str(adapter) != "base":
         from peft import PeftModel
 
-        folder = Path(adapter)
-        manifest = read_version_manifest(folder)
-        if manifest["base_model"]["sha256"] != config.base_model.sha256:
-            raise BadInput(f"{folder}: built on another base model than the federation's")
+        folder, manifest = checked_version(Path(adapter), config)
         model, name = PeftModel.from_pretrained(base_model, folder), manifest["version"]
     model.eval()
     try:

@@ -179,7 +179,7 @@ def test_data_columns_in_the_federation_file(fed, tmp_path, capsys):
     assert all(f"<|im_start|>user\n{q}<|im_end|>" in decoded and a in decoded for q, a in qa)
 
     # --columns replaces the file's mapping: here the answer alone, as plain text.
-    code, _stdout, err, out = prepare(fed, tmp_path, capsys, path, config=config, extra=["--columns", "text=a"])
+    code, _stdout, err, out = prepare(fed, tmp_path, capsys, path, config=config, extra=["--columns", "text=a", "--overwrite"])
     assert code == 0, err
     decoded = decoded_tokens(out, fed[1])
     assert all(a in decoded and q not in decoded for q, a in qa)
