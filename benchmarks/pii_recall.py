@@ -3,9 +3,9 @@
     pip install faker
     python benchmarks/pii_recall.py                          # the default policy (data.pii defaults)
     python benchmarks/pii_recall.py --countries US           # another data.pii.countries
-    python benchmarks/pii_recall.py --compare "US;US,GB,DE,FR,ES,IT,NL;ALL"   # one summary row per set
+    python benchmarks/pii_recall.py --compare "US;US,GB,DE,FR,ES,IT,NL;default;default,DK"   # a row per set
     python benchmarks/pii_recall.py --speed 20000            # also: records/s on benchmarks/prepare.py's corpus
-    python benchmarks/pii_recall.py --names                  # person names (see --ner-model)
+    python benchmarks/pii_recall.py --names --ner-model en_core_web_sm   # person names, with a detector
 
 Planted values: for each locale, Faker's emails, phone numbers (`phone_number()`, which draws from every
 format the locale has, extensions included, and `cellphone_number()` where the locale has one), card
@@ -157,7 +157,8 @@ def clean_record(rng: random.Random, fake, locale: str) -> str:
             "temp": lambda: f"{rng.randint(35, 40)}{decimal}{rng.randint(0, 9)}",
             "hba1c": lambda: f"{rng.randint(5, 12)}{decimal}{rng.randint(0, 9)}",
             "lab": lambda: f"{rng.randint(1, 30)}{decimal}{rng.randint(0, 9)}",
-            "kg": lambda: f"{rng.randint(40, 140)}{decimal}{rng.randint(0, 9)}", "cm": lambda: str(rng.randint(140, 210)),
+            "kg": lambda: f"{rng.randint(40, 140)}{decimal}{rng.randint(0, 9)}",
+            "cm": lambda: str(rng.randint(140, 210)),
             "dose": lambda: rng.choice(["0.5", "2.5", "5", "10", "20", "40", "250", "500", "1000"]),
             "lot": lambda: rng.choice([f"{rng.randint(1000000, 9999999)}", f"AB{rng.randint(10000, 99999)}"]),
             "postcode": lambda: fake.postcode(), "months": lambda: str(rng.choice([12, 24, 60, 120, 240, 360])),
@@ -222,7 +223,8 @@ def measure(countries: list[str] | None, locales: list[str], per_kind: int, clea
             hits[(locale, kind)][1] += 1
             types[kind].update(counts)
             if not ok:
-                misses[(locale, kind)].append(f"{variant}: {value!r} -> {out[len(before) - 3:len(out) - len(after) + 3]!r}")
+                seen = out[len(before) - 3:len(out) - len(after) + 3]
+                misses[(locale, kind)].append(f"{variant}: {value!r} -> {seen!r}")
         for _ in range(clean_per_locale):
             text = clean_record(rng, fake, locale)
             out = scrubber.scrub(text, Counter())
@@ -247,7 +249,8 @@ def measure(countries: list[str] | None, locales: list[str], per_kind: int, clea
         "recall_by_kind": {k: round(f / t, 4) for k, (f, t) in sorted(by_kind.items())},
         "recall_by_locale": {k: round(f / t, 4) for k, (f, t) in by_locale.items()},
         "recall_by_locale_kind": {f"{loc} {k}": [f, t] for (loc, k), (f, t) in sorted(hits.items())},
-        "clean_records": clean_total, "clean_untouched": clean_kept, "clean_precision": round(clean_kept / clean_total, 4),
+        "clean_records": clean_total, "clean_untouched": clean_kept,
+        "clean_precision": round(clean_kept / clean_total, 4),
         "placeholders_by_kind": {k: dict(v.most_common()) for k, v in sorted(types.items())},
         "missed_examples": {f"{loc} {k}": v[:show] for (loc, k), v in sorted(misses.items())},
         "altered_clean_examples": altered[:show * 4],
@@ -255,7 +258,8 @@ def measure(countries: list[str] | None, locales: list[str], per_kind: int, clea
 
 
 def speed(records: int, countries: list[str] | None) -> dict:
-    """Records per second of the PII step alone (one process) on benchmarks/prepare.py's generated records."""
+    """Records per second of the PII step alone (one process, best of three passes) on benchmarks/prepare.py's
+    generated records."""
     import importlib.util
 
     from fedtune.data.pii import PiiScrubber
@@ -271,33 +275,38 @@ def speed(records: int, countries: list[str] | None) -> dict:
             [row["text"]] if "text" in row else [row["instruction"], row["output"]]
         texts.append(parts)
     scrubber = PiiScrubber(policy_for(countries))
-    counts: Counter = Counter()
-    started = time.perf_counter()
-    for parts in texts:
-        for part in parts:
-            scrubber.scrub(part, counts)
-    wall = time.perf_counter() - started
-    return {"records": records, "seconds": round(wall, 2), "records_per_s": round(records / wall),
+    walls = []
+    for _ in range(3):  # the best of three passes: timings on a shared machine move by a tenth
+        counts: Counter = Counter()
+        started = time.perf_counter()
+        for parts in texts:
+            for part in parts:
+                scrubber.scrub(part, counts)
+        walls.append(time.perf_counter() - started)
+    return {"records": records, "seconds": round(min(walls), 2), "records_per_s": round(records / min(walls)),
             "replaced": sum(counts.values())}
 
 
 def names(locales: list[str], count: int, seed: int, ner_model: str | None) -> dict:
-    """Recall on Faker person names in clinical and banking sentences, and the clean records a detector alters."""
+    """Recall on Faker person names (first and last name, no titles) in clinical and banking sentences, and the
+    clean records in which the detector finds a person."""
     from fedtune.data.pii import PiiScrubber
 
     scrubber = PiiScrubber(policy_for(None, ner_model))
     templates = ["{v} was admitted on {date} with chest pain.", "Dr. {v} signed the discharge letter.",
                  "The account was opened by {v} in {year}.", "Please call {v} about the overdue invoice.",
                  "Next of kin: {v} (daughter).", "Referral for {v}, see attached results.",
-                 "{v}'s mortgage application was approved.", "Patient {v} missed the follow-up appointment."]
+                 "{v}'s mortgage application was approved.", "Patient {v} missed the follow-up appointment.",
+                 "Transfer of 250.00 EUR from {v} to the savings account.", "Seen today: {v}, 54, with a cough."]
     found = total = 0
     by_locale: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     missed = []
+    started = time.perf_counter()
     for n, locale in enumerate(locales):
         fake = _faker(locale, seed + n)
         rng = random.Random(seed + n)
         for _ in range(count):
-            value = fake.name()
+            value = f"{fake.first_name()} {fake.last_name()}"
             before, after = rng.choice(templates).split("{v}")
             fields = {"date": fake.date("%d.%m.%Y"), "year": str(rng.randint(1990, 2026))}
             before, after = before.format(**fields), after.format(**fields)
@@ -310,30 +319,46 @@ def names(locales: list[str], count: int, seed: int, ner_model: str | None) -> d
             by_locale[locale][1] += 1
             if not ok and len(missed) < 12:
                 missed.append(f"{locale}: {out}")
-    clean = altered = 0
+    seconds = time.perf_counter() - started
+    clean = with_person = 0
+    examples = []
     for n, locale in enumerate(locales):
         fake, rng = _faker(locale, seed + 100 + n), random.Random(seed + 100 + n)
         for _ in range(count):
             text = clean_record(rng, fake, locale)
+            counts: Counter = Counter()
+            out = scrubber.scrub(text, counts)
             clean += 1
-            altered += scrubber.scrub(text, Counter()) != text
+            if counts["PERSON"]:
+                with_person += 1
+                if len(examples) < 8:
+                    examples.append(f"{locale}: {out}")
     return {"ner_model": ner_model, "names": total, "removed": found, "recall": round(found / total, 4),
             "recall_by_locale": {k: round(f / t, 4) for k, (f, t) in by_locale.items()},
-            "clean_records": clean, "clean_untouched": clean - altered,
-            "clean_precision": round((clean - altered) / clean, 4), "missed_examples": missed}
+            "clean_records": clean, "clean_with_a_person_found": with_person,
+            "clean_precision": round((clean - with_person) / clean, 4), "sentences_per_s": round(total / seconds),
+            "missed_examples": missed, "clean_person_examples": examples}
 
 
 def _countries(text: str) -> list[str] | None:
-    if text == "default":
+    """'default' (None: PiiSettings' default), 'default,DK' (the default and more), ALL (every locale's country)
+    or a comma-separated list."""
+    from fedtune.config import DEFAULT_PII_COUNTRIES
+
+    codes = [c.strip().upper() for c in text.split(",") if c.strip()]
+    if codes == ["DEFAULT"]:
         return None
-    if text == "ALL":
-        return sorted({loc.split("_")[1] for loc in CORE_LOCALES + EXTRA_LOCALES} | {"US"})
-    return [c.strip().upper() for c in text.split(",") if c.strip()]
+    if codes[:1] == ["DEFAULT"]:
+        return list(DEFAULT_PII_COUNTRIES) + codes[1:]
+    if codes == ["ALL"]:
+        return sorted({loc.split("_")[1] for loc in CORE_LOCALES + EXTRA_LOCALES})
+    return codes
 
 
 def _print(result: dict, show: int) -> None:
     print(f"countries {','.join(result['countries'])}: recall {result['recall']:.4f} "
-          f"({result['removed']}/{result['planted']}), on {', '.join(CORE_LOCALES)}: {result['recall_core_locales']:.4f}; "
+          f"({result['removed']}/{result['planted']}), on {', '.join(CORE_LOCALES)}: "
+          f"{result['recall_core_locales']:.4f}; "
           f"clean records untouched {result['clean_untouched']}/{result['clean_records']} "
           f"({result['clean_precision']:.4f})")
     kinds = list(TEMPLATES)
@@ -356,7 +381,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--countries", default="default",
-                        help="data.pii.countries, comma-separated; 'default' (PiiSettings' default) or ALL")
+                        help="data.pii.countries: comma-separated, 'default', 'default,DK' (more) or ALL")
     parser.add_argument("--compare", help="several country sets separated by ';' (summary rows only)")
     parser.add_argument("--locales", default=",".join(CORE_LOCALES + EXTRA_LOCALES))
     parser.add_argument("--per-kind", type=int, default=60, help="values of each kind per locale")
@@ -380,9 +405,11 @@ def main() -> None:
             if args.speed:
                 result["speed"] = speed(args.speed, _countries(text))
             rows.append(result)
-            print(f"{','.join(result['countries']):40} recall {result['recall']:.4f} core {result['recall_core_locales']:.4f} "
-                  f"clean {result['clean_precision']:.4f}" + (f" {result['speed']['records_per_s']} records/s" if args.speed else ""),
-                  flush=True)
+            speed_text = f" {result['speed']['records_per_s']} records/s" if args.speed else ""
+            print(f"{','.join(result['countries']):40} recall {result['recall']:.4f} ({result['removed']}/"
+                  f"{result['planted']}) core {result['recall_core_locales']:.4f} "
+                  f"clean {result['clean_precision']:.4f} ({result['clean_untouched']}/{result['clean_records']})"
+                  f"{speed_text}", flush=True)
         if args.json:
             print(json.dumps(rows))
         return
@@ -395,7 +422,8 @@ def main() -> None:
     _print(result, args.show)
     if args.speed:
         s = result["speed"]
-        print(f"speed: {s['records']} records in {s['seconds']} s, {s['records_per_s']} records/s (PII step, one process)")
+        print(f"speed: {s['records']} records in {s['seconds']} s, {s['records_per_s']} records/s "
+              "(PII step, one process)")
 
 
 if __name__ == "__main__":

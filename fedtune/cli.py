@@ -190,8 +190,15 @@ def prepare(
     model_dir: ModelOpt = None,
     deny_list: Annotated[Optional[Path], typer.Option(
         "--deny-list", help="this site's file of terms to redact (names, project codes), one per line")] = None,
-    ner_model: Annotated[Optional[Path], typer.Option(
-        "--ner-model", help="a local token-classification model folder: person names become <PERSON> (off by default)")] = None,
+    ner_model: Annotated[Optional[Path], typer.Option("--ner-model", help=(
+        "person names become <PERSON>: a local token-classification model folder, or an installed spaCy pipeline "
+        "(package name or folder) (off by default)"))] = None,
+    pii_country: Annotated[Optional[list[str]], typer.Option(
+        "--pii-country", help="also scrub this country's national IDs and phone numbers (ISO 3166, repeat)")] = None,
+    pii_entity: Annotated[Optional[list[str]], typer.Option(
+        "--pii-entity", help="also scrub this PII type if the federation leaves it out (repeat)")] = None,
+    pii_pattern: Annotated[Optional[list[str]], typer.Option(
+        "--pii-pattern", help="also scrub NAME=REGEX as <NAME>, e.g. 'CASE=CASE-\\d{6}' (repeat)")] = None,
     num_proc: Annotated[Optional[int], typer.Option("--num-proc", min=1, help="worker processes (default: cores, up to 8)")] = None,
     columns: Annotated[Optional[str], typer.Option("--columns", help=(
         "your columns' names, PART=COLUMN: e.g. prompt=question,response=answer; parts: text, prompt, input, "
@@ -204,11 +211,28 @@ def prepare(
 
     card = prepare_site(load_federation(config), site, input, out_dir, log=_log(), dry_run=dry_run,
                         num_proc=num_proc, deny_list=deny_list, ner_model=ner_model,
-                        columns=parse_columns(columns) if columns else None, model_dir=model_dir, overwrite=overwrite)
+                        columns=parse_columns(columns) if columns else None, model_dir=model_dir, overwrite=overwrite,
+                        pii_countries=pii_country, pii_entities=pii_entity, pii_patterns=_pii_patterns(pii_pattern))
+    _warn_pii_not_scanned(card)
     if json_out:
         _print_json(card)
         return
     _print_card(card, None if dry_run else out_dir)
+
+
+def _pii_patterns(values: list[str] | None) -> dict[str, str]:
+    patterns = {}
+    for value in values or []:
+        name, sep, regex = value.partition("=")
+        if not sep or not name or not regex:
+            raise BadInput(f"--pii-pattern {value}: give NAME=REGEX, e.g. CASE=CASE-\\d{{6}}")
+        patterns[name] = regex
+    return patterns
+
+
+def _warn_pii_not_scanned(card: dict) -> None:
+    for what, how in card.get("pii_not_scanned", {}).items():
+        err.print(f"warning: PII not scanned: {what}: {how}", markup=False)
 
 
 def _print_card(card: dict, written: Path | None) -> None:
@@ -220,6 +244,8 @@ def _print_card(card: dict, written: Path | None) -> None:
     out.print(f"{head}: {counts['kept']}/{counts['read']} records kept (train {counts['train']}, eval {counts['eval']})")
     out.print(f"  dropped: {dropped}")
     out.print(f"  PII replaced: {pii}")
+    if card.get("pii_not_scanned"):
+        out.print("  PII not scanned: " + "; ".join(card["pii_not_scanned"]) + " (warnings above say how)")
     gone = ", ".join(f"{k} {v}" for k, v in card["languages"]["dropped"].items())
     out.print(f"  languages kept: {langs}" + (f"; dropped: {gone}" if gone else ""))
     tokens = card["tokens"]

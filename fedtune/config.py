@@ -61,7 +61,10 @@ class TrainingSettings(Strict):
 
 
 PII_ENTITY_TYPES = ("EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID")
-DEFAULT_PII_COUNTRIES = ("US",)
+# Countries whose national IDs prepare recognizes (and checks); also the default data.pii.countries, measured
+# with benchmarks/pii_recall.py (README, "Preparing a site's data").
+PII_ID_COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "AT", "BE", "CA", "CH", "PL", "SE")
+DEFAULT_PII_COUNTRIES = PII_ID_COUNTRIES
 PLACEHOLDER_NAME = r"^[A-Z][A-Z0-9_]*$"
 
 
@@ -70,8 +73,9 @@ class PiiSettings(Strict):
 
     entities: list[Literal["EMAIL", "PHONE", "CARD", "IBAN", "IP", "NATIONAL_ID"]] = Field(
         list(PII_ENTITY_TYPES), description="PII types replaced by placeholders (NATIONAL_ID: the IDs of `countries`)")
-    countries: list[str] = Field(list(DEFAULT_PII_COUNTRIES), description="ISO 3166 codes: phone numbers in their national formats "
-                                 "and their national IDs (US, GB, DE, FR, ES, IT, NL have ID checks)")
+    countries: list[str] = Field(list(DEFAULT_PII_COUNTRIES), description="ISO 3166 codes: their national IDs, and "
+                                 "phone numbers valid in their numbering plans however written (phone numbers of any "
+                                 "country are found by layout: +CC, a trunk 0, an area code in brackets, an extension)")
     patterns: dict[str, str] = Field({}, description="extra regexes, placeholder name → pattern (e.g. MRN: 'MRN-\\d{6}')")
     deny_list: list[str] = Field([], description="terms every site replaces (project code names); a site's own "
                                  "names go in a local file given to `prepare --deny-list`")

@@ -1,13 +1,14 @@
 """The data contract: what every site's prepared data must satisfy so that the federation trains one adapter
-on one token space (tokenizer, chat template, seq_len), with enough data (min_tokens) scrubbed under one
-PII policy. `prepare` records the check in the data card; `train-local` refuses a card that does not match."""
+on one token space (tokenizer, chat template, seq_len), with enough data (min_tokens) scrubbed under at least
+the federation's PII policy. `prepare` records the check in the data card; `train-local` refuses a card that
+does not match, or whose PII policy is weaker than the federation's (a stricter site is welcome)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from fedtune.config import FederationConfig
+from fedtune.config import PII_ENTITY_TYPES, PII_ID_COUNTRIES, FederationConfig, PiiSettings
 from fedtune.errors import BadInput
 
 
@@ -16,21 +17,109 @@ def chat_template_sha(tokenizer) -> str:
     return hashlib.sha256(template.encode()).hexdigest() if template else "none"
 
 
-def pii_policy(config: FederationConfig, site_terms: int, ner: bool) -> dict:
-    """The PII policy a card records: the federation's part (compared by train-local) and the site's own."""
-    settings = config.data.pii
-    shared = "\n".join(sorted(t.casefold() for t in settings.deny_list))
+def _term_sha(term: str) -> str:
+    return hashlib.sha256(term.strip().casefold().encode()).hexdigest()
+
+
+def _list_sha(terms: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(t.casefold() for t in terms)).encode()).hexdigest()
+
+
+def site_pii_settings(federation: PiiSettings, countries: list[str] | None = None, entities: list[str] | None = None,
+                      patterns: dict[str, str] | None = None) -> PiiSettings:
+    """The PII policy a site prepares under: the federation's data.pii and what the site adds to it (more
+    countries, entity types or patterns; never fewer). Refuses a site pattern that reuses a federation pattern's
+    name with another regex, and anything data.pii itself would refuse."""
+    from pydantic import ValidationError
+
+    patterns = patterns or {}
+    clashes = [n for n, regex in patterns.items() if n in federation.patterns and federation.patterns[n] != regex]
+    if clashes:
+        raise BadInput(f"--pii-pattern {clashes[0]}: the federation's data.pii.patterns already has {clashes[0]} with "
+                       "another regex; give this site's pattern another name")
+    try:
+        return PiiSettings(
+            entities=list(dict.fromkeys([*federation.entities, *(entities or [])])),
+            countries=[*federation.countries, *(countries or [])],
+            patterns={**federation.patterns, **patterns},
+            deny_list=list(federation.deny_list),
+        )
+    except ValidationError as err:
+        option = {"entities": "--pii-entity", "countries": "--pii-country", "patterns": "--pii-pattern"}
+        problems = "; ".join(f"{option.get(e['loc'][0], e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in err.errors())
+        raise BadInput(f"prepare: {problems}") from None
+
+
+def pii_policy(config: FederationConfig, site_terms: int, ner: bool, applied: PiiSettings | None = None) -> dict:
+    """The PII policy a card records: what was applied (the federation's data.pii plus the site's additions), the
+    federation deny-list terms it covered (as hashes: they are in federation.yaml; the site's own terms are
+    only counted, never hashed, as a name's hash can be guessed) and the site's own means."""
+    federation = config.data.pii
+    applied = applied or federation
     return {
-        "entities": sorted(settings.entities),
-        "countries": sorted(settings.countries),
-        "patterns": {name: settings.patterns[name] for name in sorted(settings.patterns)},
-        "deny_list_sha256": hashlib.sha256(shared.encode()).hexdigest(),
+        "entities": sorted(applied.entities),
+        "countries": sorted(applied.countries),
+        "patterns": {name: applied.patterns[name] for name in sorted(applied.patterns)},
+        "deny_list_sha256": _list_sha(federation.deny_list),
+        "deny_list_term_sha256": sorted({_term_sha(t) for t in federation.deny_list}),
         "site_deny_list_terms": site_terms,
+        "site_added": {"entities": sorted(set(applied.entities) - set(federation.entities)),
+                       "countries": sorted(set(applied.countries) - set(federation.countries)),
+                       "patterns": sorted(set(applied.patterns) - set(federation.patterns))},
         "person_names_by_ner": ner,
     }
 
 
-FEDERATION_POLICY_KEYS = ("entities", "countries", "patterns", "deny_list_sha256")
+def pii_policy_gaps(recorded: dict, federation: PiiSettings) -> list[str]:
+    """Where a card's recorded PII policy is weaker than the federation's data.pii (empty: it covers it). A
+    site may have been stricter: more entity types, countries, patterns or deny-list terms are fine."""
+    gaps = []
+    for key in ("entities", "countries"):
+        missing = sorted(set(getattr(federation, key)) - set(recorded.get(key) or []))
+        if missing:
+            gaps.append(f"{key} {', '.join(missing)} not applied")
+    patterns = recorded.get("patterns") or {}
+    for name, regex in sorted(federation.patterns.items()):
+        if name not in patterns:
+            gaps.append(f"patterns {name} not applied")
+        elif patterns[name] != regex:
+            gaps.append(f"patterns {name} had another regex")
+    if "deny_list_term_sha256" in recorded:
+        covered = set(recorded["deny_list_term_sha256"])
+        missing = sum(_term_sha(t) not in covered for t in federation.deny_list)
+        if missing:
+            gaps.append(f"deny_list: {missing} term(s) not applied")
+    elif recorded.get("deny_list_sha256") != _list_sha(federation.deny_list):  # a card from before per-term hashes
+        gaps.append("deny_list differs")
+    return gaps
+
+
+def pii_not_scanned(applied: PiiSettings, ner: bool) -> dict[str, str]:
+    """What `prepare` did not look for, and how to have it looked for: the card says it, every time."""
+    gaps = {}
+    if not ner:
+        gaps["person names"] = ("give --ner-model (a token-classification model folder or a spaCy pipeline) "
+                                "or --deny-list FILE")
+    for entity in PII_ENTITY_TYPES:
+        if entity not in applied.entities:
+            gaps[entity] = "left out by data.pii.entities; add it there, or with --pii-entity for this site"
+    if "NATIONAL_ID" in applied.entities:
+        unchecked = [c for c in applied.countries if c not in PII_ID_COUNTRIES]
+        if unchecked:
+            gaps[f"national IDs of {', '.join(unchecked)}"] = ("no check for them here; add their format to "
+                                                               "data.pii.patterns, or --pii-pattern NAME=REGEX")
+        addable = [c for c in PII_ID_COUNTRIES if c not in applied.countries]
+        no_check = "no check here: add their format to data.pii.patterns, or --pii-pattern NAME=REGEX"
+        gaps["national IDs of countries not in data.pii.countries"] = (
+            f"add {', '.join(addable)} there (--pii-country for this site); other countries have {no_check}"
+            if addable else no_check)
+    if "PHONE" in applied.entities:
+        gaps["local phone numbers of countries not in data.pii.countries"] = (
+            "found only when written with +CC, a trunk 0, an area code in brackets or an extension; add the country")
+    gaps["postal addresses, dates of birth, record and account numbers"] = (
+        "add their formats to data.pii.patterns, or --pii-pattern NAME=REGEX for this site")
+    return gaps
 
 
 def check_tokenizer(config: FederationConfig, fingerprint: str, template_sha: str, source: str) -> None:
@@ -80,9 +169,7 @@ def require_contract(card: dict, config: FederationConfig, fingerprint: str, tem
     if trained < config.contract.min_tokens:
         raise BadInput(f"{where}: the train split holds {trained} trained tokens, below the federation's "
                        f"contract.min_tokens {config.contract.min_tokens}; add data and prepare again")
-    policy = recorded.get("pii_policy") or {}
-    wanted = pii_policy(config, 0, False)
-    for key in FEDERATION_POLICY_KEYS:
-        if policy.get(key) != wanted[key]:
-            raise BadInput(f"{where}: prepared under another PII policy (data.pii {key.split('_')[0]} differs from "
-                           "federation.yaml); prepare again")
+    gaps = pii_policy_gaps(recorded.get("pii_policy") or {}, config.data.pii)
+    if gaps:
+        raise BadInput(f"{where}: prepared under another PII policy, weaker than federation.yaml's data.pii "
+                       f"({'; '.join(gaps)}); prepare again")

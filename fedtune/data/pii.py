@@ -38,8 +38,8 @@ DENY_LIST_TYPE = "REDACTED"
 PERSON_TYPE = "PERSON"
 LANGUAGE = "en"  # Presidio files every recognizer under a language; the pattern recognizers are language-free.
 
-# A phone number has at least 7 digits, written together or grouped; so do card numbers, IBANs and every
-# national ID but the Italian fiscal code.
+# Phone numbers, card numbers, IBANs and every national ID but the Italian fiscal code hold a run of at least
+# six digits, written together or grouped.
 _PHONE_CANDIDATE = re.compile(r"\d(?:[\s().\-/]{0,3}\d){5}")
 # Cheap tests for what a text could hold, so that a recognizer only runs where it could find something:
 # most records have no '@', no dotted quad and no run of six digits, and then the analyzer is not called.
@@ -48,9 +48,24 @@ _GATES = {
     "IP": re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|[0-9A-Fa-f]*:[0-9A-Fa-f]*:"),
     "IT_FISCAL_CODE": re.compile(r"[A-Za-z]{6}[0-9LMNPQRSTUVlmnpqrstuv]{2}[A-Za-z]"),
 }
-# A number right after an international prefix or an area code in brackets ('+34 883010748',
-# '+43 (0) 2724 82447577', '(351) 923803236') is the rest of a phone number, whatever checksum it passes.
-_AFTER_COUNTRY_CODE = re.compile(r"(?:\+\d{0,3}[\s.-]?(?:\(0\)[\s.-]?)?|\(\+?\d{1,5}\)[\s.-]?)$")
+# A number right after an international prefix or an area code in brackets ('+34 883010748', '1-174-537-8383',
+# '+43 (0) 2724 82447577', '(351) 923803236'), or followed by an extension ('267-428-4269 x693'), is (part of)
+# a phone number, whatever checksum it passes.
+_PHONE_BEFORE = re.compile(r"(?:\+\d{0,3}[\s.-]?(?:\(0\)[\s.-]?)?|\(\+?\d{1,5}\)[\s.-]?|(?<![\w.,-])1[-.])$")
+_PHONE_AFTER = re.compile(r"\s?(?:x|ext\.?|extn\.?)\s?\d", re.IGNORECASE)
+
+
+def _gates(recognizer, placeholder: str) -> tuple[re.Pattern, re.Pattern | None]:
+    """The cheap tests a text must pass before `recognizer` runs on it: one shared by many recognizers, then
+    (or None) one of its own."""
+    if placeholder in _GATES:
+        return _GATES[placeholder], None
+    if type(recognizer) is PatternRecognizer:
+        # A national ID's own patterns, searched with `re` (without the validators, case-blind: a superset of
+        # what the recognizer finds) where the text has digits: far cheaper than the analyzer's pass.
+        own = re.compile("|".join(f"(?:{p.regex})" for p in recognizer.patterns), re.IGNORECASE | re.MULTILINE)
+        return _PHONE_CANDIDATE, own
+    return _PHONE_CANDIDATE, None
 
 
 class _NoContext(ContextAwareEnhancer):
@@ -121,8 +136,8 @@ class _DenyList(EntityRecognizer):
 
 @dataclass
 class PiiPolicy:
-    """What to replace: the federation's data.pii settings plus this site's own deny-list and NER model.
-    NATIONAL_ID stands for the national IDs of the configured countries."""
+    """What to replace: the data.pii settings a site prepares under (the federation's, and what the site adds),
+    its own deny-list terms and NER model. NATIONAL_ID stands for the national IDs of the configured countries."""
 
     entities: list[str] = field(default_factory=lambda: list(PII_ENTITY_TYPES))
     countries: list[str] = field(default_factory=lambda: list(DEFAULT_PII_COUNTRIES))
@@ -172,12 +187,18 @@ class PiiScrubber:
         registry = RecognizerRegistry(supported_languages=[LANGUAGE])
         self._placeholder: dict[str, str] = {}
         self._validator: dict[str, Callable[[str], bool]] = {}
+        # cheap test → (the recognizer's own test or None → entities): see _gates
+        gated: dict[re.Pattern, dict[re.Pattern | None, list[str]]] = {}
         for recognizer, placeholder, validator in table:
             registry.add_recognizer(recognizer)
             for entity in recognizer.supported_entities:
                 self._placeholder[entity] = placeholder
                 if validator is not None:
                     self._validator[entity] = validator
+                if placeholder not in always:
+                    gate, own = _gates(recognizer, placeholder)
+                    gated.setdefault(gate, {}).setdefault(own, []).append(entity)
+        self._gated = [(gate, list(inner.items())) for gate, inner in gated.items()]
         engine = NoOpNlpEngine(models=[{"lang_code": LANGUAGE, "model_name": "none"}])
         engine.load()
         self._analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=[LANGUAGE],
@@ -185,11 +206,6 @@ class PiiScrubber:
         self._anonymizer = AnonymizerEngine()
         self._operators = {e: OperatorConfig("replace", {"new_value": f"<{p}>"}) for e, p in self._placeholder.items()}
         self._always = sorted(e for e, p in self._placeholder.items() if p in always)
-        gated: dict[re.Pattern, list[str]] = {}
-        for entity, placeholder in sorted(self._placeholder.items()):
-            if placeholder not in always:
-                gated.setdefault(_GATES.get(placeholder, _PHONE_CANDIDATE), []).append(entity)
-        self._gated = list(gated.items())
 
     def _confirmed(self, text: str, entities: list[str]) -> list:
         """Presidio's findings in `text` that survive the checksums (and phone spans trimmed of brackets)."""
@@ -197,8 +213,9 @@ class PiiScrubber:
         for result in self._analyzer.analyze(text, language=LANGUAGE, entities=entities):
             validator = self._validator.get(result.entity_type)
             if validator is not None:
-                if _AFTER_COUNTRY_CODE.search(text, max(0, result.start - 12), result.start):
-                    continue  # '+4915163201630' passes Luhn, but a '+' starts a phone number, not a card
+                if (_PHONE_BEFORE.search(text, max(0, result.start - 12), result.start)
+                        or _PHONE_AFTER.match(text, result.end)):
+                    continue  # '+4915163201630' passes Luhn, but it is a phone number, not a card
                 if not validator(text[result.start:result.end]):
                     continue  # a checksum says this is not the ID it looks like
                 result.score = 1.0  # a confirmed checksum outranks an overlapping phone-number guess
@@ -209,7 +226,10 @@ class PiiScrubber:
         """Return `text` with every confirmed PII span replaced; adds one count per replacement to `counts`."""
         if not text:
             return text
-        entities = self._always + [e for gate, group in self._gated if gate.search(text) for e in group]
+        entities = list(self._always)
+        for gate, inner in self._gated:
+            if gate.search(text):
+                entities += [e for own, group in inner if own is None or own.search(text) for e in group]
         phones = [e for e in entities if self._placeholder[e] == "PHONE"]
         others = [e for e in entities if self._placeholder[e] != "PHONE"]
         confirmed = self._confirmed(text, others) if others else []
@@ -229,22 +249,47 @@ class PiiScrubber:
         return result.text
 
 
-def _ner_recognizer(model_path: str):
-    """Person names from a token-classification model the site already has on disk (never downloaded)."""
+class _SpacyPersons(EntityRecognizer):
+    """PERSON entities of a spaCy pipeline (only its tokenizer, tok2vec and ner run)."""
+
+    def __init__(self, nlp):
+        self.nlp = nlp
+        super().__init__(supported_entities=[PERSON_TYPE], supported_language=LANGUAGE, name="spacy persons")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text, entities, nlp_artifacts=None):
+        return [RecognizerResult(PERSON_TYPE, e.start_char, e.end_char, 0.85)
+                for e in self.nlp(text).ents if e.label_ in ("PERSON", "PER")]
+
+
+def _ner_recognizer(model: str):
+    """Person names from a model the site already has (never downloaded): a token-classification model folder
+    (Hugging Face, saved with save_pretrained), or a spaCy pipeline, as an installed package name or a folder."""
     from pathlib import Path
 
-    from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import (
-        HuggingFaceNerRecognizer,
-    )
+    import spacy
 
     from fedtune.errors import BadInput
 
-    if not (Path(model_path) / "config.json").is_file():
-        raise BadInput(f"{model_path}: not a local token-classification model folder (no config.json); "
-                       "give --ner-model a folder saved with save_pretrained")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    recognizer = HuggingFaceNerRecognizer(
-        supported_entities=[PERSON_TYPE], supported_language=LANGUAGE, model_name=str(model_path),
-        label_mapping={"PER": PERSON_TYPE, "PERSON": PERSON_TYPE}, device="cpu",
-    )  # Presidio loads the pipeline in the constructor
-    return recognizer
+    folder = Path(model)
+    if (folder / "config.json").is_file():
+        from presidio_analyzer.predefined_recognizers.ner.huggingface_ner_recognizer import (
+            HuggingFaceNerRecognizer,
+        )
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return HuggingFaceNerRecognizer(
+            supported_entities=[PERSON_TYPE], supported_language=LANGUAGE, model_name=str(folder),
+            label_mapping={"PER": PERSON_TYPE, "PERSON": PERSON_TYPE}, device="cpu",
+        )  # Presidio loads the pipeline in the constructor
+    if (folder / "config.cfg").is_file() or (not folder.exists() and spacy.util.is_package(model)):
+        nlp = spacy.load(model, exclude=["tagger", "parser", "senter", "lemmatizer", "attribute_ruler"])
+        labels = {label for name in nlp.pipe_names for label in getattr(nlp.get_pipe(name), "labels", ())}
+        if not labels & {"PERSON", "PER"}:
+            raise BadInput(f"{model}: this spaCy pipeline finds no PERSON entities; give one with a ner component "
+                           "that does (e.g. en_core_web_sm)")
+        return _SpacyPersons(nlp)
+    raise BadInput(f"{model}: not a token-classification model folder (no config.json), a spaCy pipeline folder (no "
+                   "config.cfg) or an installed spaCy package; give --ner-model one of those")

@@ -4,8 +4,8 @@ Phone numbers are found by their layout first, so that a number of any country i
 federation's `data.pii.countries` say: an international prefix (`+CC`, `00CC`), a trunk `0`, an area code in
 brackets, the 3-3-4 groups of North America, an extension (`x123`, `ext. 12`). A number without any of these
 (`612 34 56 78`, `4155550100`) is a phone number only when phonenumbers finds it valid in the numbering plan
-of one of those countries. Card numbers are 12 to 19 digits (ISO/IEC 7812) that pass Luhn; national IDs pass
-their country's check (python-stdnum).
+of one of those countries. Card numbers are 12 to 19 digits (ISO/IEC 7812) that pass Luhn; national IDs, of
+the countries in `data.pii.countries`, pass their country's check (python-stdnum, or the rule written here).
 """
 
 from __future__ import annotations
@@ -52,14 +52,14 @@ def _phone_layout(text: str, digits: str, extension: bool) -> bool:
     """Whether `text` (no extension) is laid out as only a phone number is, in any country."""
     if text.startswith("+") or digits.startswith("00"):
         body = digits if text.startswith("+") else digits[2:]
-        code = next((body[:n] for n in (1, 2, 3) if int(body[:n] or 0) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE),
-                    None)
+        code = next((body[:n] for n in (1, 2, 3) if int(body[:n]) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE), None)
         # E.164 numbers have at most 15 digits; the national part at least 6 (the shortest in use).
         if code is not None and len(body) <= 15 and len(body) - len(code) >= 6:
             return True
         if text.startswith("+"):
             return False
-    if digits.startswith("0") and not re.match(r"0\b", text):  # a trunk 0, not the 0 of 0.19906.3786
+    if digits.startswith("0") and not digits.startswith("000") and not re.match(r"0\b", text):
+        # a trunk 0 (or an international 00), not the 0 of 0.19906.3786 or a zero-padded 000123456
         return 8 <= len(digits) <= 13
     if _BRACKETED_AREA.match(text) or extension:
         return 8 <= len(digits) <= 13
@@ -81,10 +81,14 @@ def phone_number_ok(text: str, regions: tuple[str, ...]) -> bool:
         if _trunk_prefix(region) == "0" and not digits.startswith("0"):
             continue
         try:
-            if phonenumbers.is_valid_number(phonenumbers.parse(main, region)):
-                return True
+            number = phonenumbers.parse(main, region)
         except phonenumbers.NumberParseException:
-            return False
+            continue
+        # phonenumbers drops what it does not need ('1177 4912 9510' reads as 774 912 9510); every digit
+        # written must belong to the number, but a trunk prefix.
+        national = phonenumbers.national_significant_number(number)
+        if digits in (national, f"{_trunk_prefix(region)}{national}") and phonenumbers.is_valid_number(number):
+            return True
     return False
 
 
@@ -95,13 +99,13 @@ def _trunk_prefix(region: str) -> str | None:
 
 
 def _sub_chains(text: str, start: int, end: int):
-    """(start, end, whole) spans of a chain of digit groups to try, longest first: the whole chain, then without
-    its first group when a space follows it (a room or case number before the phone number), then shorter from
-    the end (numbers after it). A part cut from the end is only taken for its layout: some numbering plans
+    """(start, end, whole) spans of a chain of digit groups to try, longest first: the whole chain; without a
+    first group of up to three digits and a space (a room or case number before the phone number); then shorter
+    from the end (numbers after it). A part cut from the end counts only for its layout: some numbering plans
     hold nearly every 8- or 9-digit number, and any long chain has such a part."""
     groups = [m.span() for m in _GROUP.finditer(text, start, end)]
     yield start, end, True
-    if len(groups) > 2 and text[groups[0][1]].isspace():
+    if len(groups) > 2 and groups[0][1] - groups[0][0] <= 3 and text[groups[0][1]].isspace():
         yield groups[1][0], end, True
     for last in range(len(groups) - 2, 0, -1):
         yield start, groups[last][1], False
@@ -144,18 +148,24 @@ class PhoneNumbers(EntityRecognizer):
 # Digit groups joined by single spaces or dashes; a card is written in groups of four (or 4-6-5, 4-6-4) or not
 # at all. The groups after the first hold three or more digits but the last (4111 1111 1111 1).
 _CARD_CHAIN = re.compile(r"(?<![\w+/-])(?<!\d[.,])\d+(?:[ -]\d+)*(?![\w]|[.,]\d)")
+# The digits of an IBAN-shaped string (valid or not: DE94 1001 0010 9605 6541 16) are not a card number.
+_IBAN_HEAD = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4})*[ ]?$")
 
 
 def card_number_ok(value: str) -> bool:
     from stdnum import luhn
 
+    # No card's issuer number starts with 0 (ISO/IEC 7812's industry 0 issues none); a German mobile number
+    # written 0157 363 53648 passes Luhn one time in ten.
     digits = re.sub(r"\D", "", value)
-    return 12 <= len(digits) <= 19 and not digits.startswith("00") and luhn.is_valid(digits)
+    return 12 <= len(digits) <= 19 and digits[0] != "0" and luhn.is_valid(digits)
 
 
 class CardNumbers(EntityRecognizer):
     """Payment card numbers: 12 to 19 digits (ISO/IEC 7812: 12-digit Maestro, 15-digit JCB, 19-digit Visa, …)
-    that pass Luhn. A run of groups is tried whole, then shorter from the end ('4111 1111 1111 1111 2 days')."""
+    that pass Luhn, in groups of three or more digits (but the last: 4028 4960 7014 2). A run of groups that
+    fails is a look-alike, not searched inside; only a run too long for a card, or one that ends in a short
+    group ('4111 1111 1111 1111 2 days'), is tried shorter from the end."""
 
     def __init__(self):
         super().__init__(supported_entities=[CARD_ENTITY], supported_language=LANGUAGE, name="card numbers")
@@ -166,16 +176,19 @@ class CardNumbers(EntityRecognizer):
     def analyze(self, text, entities, nlp_artifacts=None):
         results = []
         for match in _CARD_CHAIN.finditer(text):
-            groups = [m.span() for m in re.finditer(r"\d+", match.group(0))]
+            if _IBAN_HEAD.search(text, max(0, match.start() - 40), match.start()):
+                continue
+            groups = [(match.start() + m.start(), match.start() + m.end()) for m in re.finditer(r"\d+", match.group(0))]
             if len(groups) > 1 and groups[0][1] - groups[0][0] < 4:
                 groups = groups[1:]  # "on 3 4111 1111 1111 1111": the card starts at the second group
-            for last in range(len(groups), 0, -1):
-                if any(e - s < 3 for s, e in groups[1:last - 1]):
-                    continue
-                start, end = match.start() + groups[0][0], match.start() + groups[last - 1][1]
+            while groups and not any(e - s < 3 for s, e in groups[1:-1]):
+                start, end = groups[0][0], groups[-1][1]
                 if card_number_ok(text[start:end]):
                     results.append(RecognizerResult(CARD_ENTITY, start, end, 0.5))
                     break
+                if sum(e - s for s, e in groups) <= 19 and groups[-1][1] - groups[-1][0] > 2:
+                    break
+                groups = groups[:-1]
         return results
 
 
@@ -223,17 +236,22 @@ def _es_nss(value: str) -> bool:
     return (int(digits[:2]) <= 53 or digits[:2] == "66") and int(digits[:10]) % 97 == int(digits[10:])
 
 
+def _at_svnr(value: str) -> bool:
+    """Sozialversicherungsnummer: stdnum checks the check digit only; the birth date must be a date too."""
+    from stdnum.at import vnr
+
+    digits = re.sub(r"\D", "", value)
+    return vnr.is_valid(digits) and 1 <= int(digits[4:6]) <= 31 and 1 <= int(digits[6:8]) <= 12
+
+
 def _pattern(entity: str, regex: str, score: float = 0.5) -> PatternRecognizer:
     return PatternRecognizer(supported_entity=entity, patterns=[Pattern(entity.lower(), regex, score)],
                              supported_language=LANGUAGE, global_regex_flags=re.MULTILINE)
 
 
-# The countries whose national IDs are recognized; for any other country only its phone numbers are.
-ID_COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "AT", "BE", "CA", "CH", "PL", "SE")
-
-
 def national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[str], bool] | None]]:
-    """(Presidio recognizer, placeholder type, validator) for one country's national IDs."""
+    """(Presidio recognizer, placeholder type, validator) for one country's national IDs: one of PII_ID_COUNTRIES
+    (fedtune.config), none for any other."""
     # Country recognizers are filed under their country's language; one language for all keeps one pass.
     if country == "US":
         ssn = r"\b\d{3}([- .]?)\d{2}\1\d{4}\b"
@@ -242,7 +260,7 @@ def national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[s
     if country == "GB":
         # The National Insurance number has no check digit. Any letters are taken: the reserved prefixes and
         # suffixes (ZZ … T) are what generators and examples write.
-        nino = r"\b[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-Z]\b|\b[A-Z]{2} \d{6} [A-Z]\b"
+        nino = r"\b[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-Z]\b"
         return [(_pattern("UK_NINO", nino), "UK_NINO", None),
                 (pr.NhsRecognizer(supported_language=LANGUAGE), "UK_NHS", stdnum_check("gb.nhs"))]
     if country == "DE":
@@ -266,8 +284,8 @@ def national_id_recognizers(country: str) -> list[tuple[object, str, Callable[[s
     if country == "NL":
         # Burgerservicenummer: nine digits, optionally grouped 4-2-3, with the eleven-test as its checksum.
         return [(_pattern("NL_BSN", r"\b\d{4}[ .]?\d{2}[ .]?\d{3}\b", 0.3), "NL_BSN", stdnum_check("nl.bsn"))]
-    if country == "AT":  # Sozialversicherungsnummer: serial, check digit, birth date
-        return [(_pattern("AT_SVNR", r"\b\d{4} ?\d{6}\b"), "AT_SVNR", stdnum_check("at.vnr"))]
+    if country == "AT":  # serial, check digit, birth date (DDMMYY)
+        return [(_pattern("AT_SVNR", r"\b\d{4} ?\d{6}\b"), "AT_SVNR", _at_svnr)]
     if country == "BE":  # Rijksregisternummer / numéro national: birth date, serial, mod 97
         return [(_pattern("BE_NN", r"\b\d{2}[.]?\d{2}[.]?\d{2}[-.]?\d{3}[-.]?\d{2}\b"), "BE_NN", stdnum_check("be.nn"))]
     if country == "CA":  # Social Insurance Number, Luhn; written 3-3-3

@@ -34,7 +34,9 @@ from fedtune.data.contract import (
     chat_template_sha,
     check_tokenizer,
     contract_record,
+    pii_not_scanned,
     pii_policy,
+    site_pii_settings,
 )
 from fedtune.data.dedup import near_duplicates
 from fedtune.data.sources import check_input, input_sha256, read_records
@@ -161,6 +163,9 @@ def prepare_site(
     num_proc: int | None = None,
     deny_list: Path | None = None,
     ner_model: Path | None = None,
+    pii_countries: list[str] | None = None,
+    pii_entities: list[str] | None = None,
+    pii_patterns: dict[str, str] | None = None,
     model_dir: Path | None = None,
     columns: ColumnMap | None = None,
     overwrite: bool = False,
@@ -176,7 +181,10 @@ def prepare_site(
         dry_run: compute the data card only; nothing is written.
         num_proc: worker processes (default: the machine's cores).
         deny_list: this site's own file of terms to redact (names, project codes), one per line.
-        ner_model: a local token-classification model folder; person names it finds become <PERSON>.
+        ner_model: a local token-classification model folder or a spaCy pipeline; person names it finds become
+            <PERSON>.
+        pii_countries, pii_entities, pii_patterns: this site's additions to the federation's data.pii (a site
+            may scrub more than the federation asks, never less).
         model_dir: the folder holding this site's copy of the base model (else FEDTUNE_MODEL_DIR or its id).
         columns: which of the inputs' columns hold each record part; replaces the federation's data.columns.
         overwrite: replace an `out` folder that already holds files (else it is refused before any work).
@@ -196,6 +204,7 @@ def prepare_site(
     if not dry_run:
         _check_out(Path(out), overwrite)
     site_terms = _read_site_deny_list(deny_list)
+    pii_settings = site_pii_settings(config.data.pii, pii_countries, pii_entities, pii_patterns)
     weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "prepare")
     tokenizer = models.load_tokenizer(weights)
     fingerprint, template_sha = models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer)
@@ -205,7 +214,7 @@ def prepare_site(
         min_chars=settings.min_chars, max_chars=settings.max_chars, languages=list(settings.languages),
         language_min_score=settings.language_min_score, language_min_letters=settings.language_min_letters,
         quality=list(settings.quality),
-        pii=PiiPolicy.of(settings.pii, site_terms, str(ner_model) if ner_model else None),
+        pii=PiiPolicy.of(pii_settings, site_terms, str(ner_model) if ner_model else None),
         near=settings.dedup.near, ngram=settings.dedup.ngram, num_perm=settings.dedup.num_perm,
         model_dir=str(weights),
     )
@@ -278,7 +287,7 @@ def prepare_site(
                 f"({time.perf_counter() - started:.1f} s)")
 
         record_lengths = np.concatenate(list(histograms.values()))
-        policy = pii_policy(config, len(site_terms), ner_model is not None)
+        policy = pii_policy(config, len(site_terms), ner_model is not None, pii_settings)
         card = {
             "format": CARD_FORMAT,
             "site": site,
@@ -288,6 +297,7 @@ def prepare_site(
                         "eval": len(splits["eval"])},
             "dropped": {k: v for k, v in sorted(dropped.items()) if v},  # reasons that dropped something
             "pii_replaced": dict(sorted(pii.items())),
+            "pii_not_scanned": pii_not_scanned(pii_settings, ner_model is not None),
             "languages": languages,
             "tokens": card_tokens,
             "token_lengths": {"histogram": _histogram(record_lengths),

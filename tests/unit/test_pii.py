@@ -1,6 +1,8 @@
 """PII scrubbing: recall on a seeded corpus of planted values through `prepare`, precision on clean text full
 of ordinary numbers, and the unit cases (each kind's placeholder, checksum look-alikes, deny-lists, custom
-patterns, conversations, bad patterns, the optional NER model)."""
+patterns, conversations, bad patterns, the optional NER model); values other generators write (Faker, and
+the formats an outside measurement found surviving) under the default policy; what the card says was not
+scanned; and the contract: a site may scrub more than the federation asks, never less."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ FEDERATION_TERMS = ["Project Nightingale", "Zorblax"]
 SITE_TERMS = ["Okonkwo", "Mary-Jane Whitfield"]
 RECORDS = 1100
 PLACEHOLDER_TYPES = {"EMAIL", "PHONE", "CARD", "IBAN", "IP", "US_SSN", "US_ITIN", "UK_NINO", "UK_NHS", "DE_TAX_ID",
-                     "FR_NIR", "ES_NIF", "ES_NIE", "IT_FISCAL_CODE", "NL_BSN", "REDACTED", "MRN", "PERSON"}
+                     "FR_NIR", "ES_NIF", "ES_NIE", "IT_FISCAL_CODE", "NL_BSN", "REDACTED", "MRN", "PERSON",
+                     "DE_KVNR", "DE_RVNR", "ES_NSS"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -262,7 +265,8 @@ def test_checksum_lookalikes_are_left_alone(scrubber, us_scrubber):
     ibans = [piicorpus.iban(rng, c, g, check_offset=rng.randint(1, 95)) for c in piicorpus.IBAN_COUNTRIES
              for g in (True, False) for _ in range(3)]
     ibans += ["DE88 3704 0044 0532 0130 00", "GB83 WEST 1234 5698 7654 32", "NL90ABNA0417164300"]
-    ssns = ["000-12-3456", "666-12-3456", "900-12-3456", "123-00-4567", "536-22-0000", "000 12 3456"]
+    # SSN look-alikes written with spaces or none (dashed, any 3-2-4 number is taken: see test_dashed_ssn_shapes)
+    ssns = ["000 12 3456", "666 12 3456", "900 12 3456", "123 00 4567", "536 22 0000", "000123456"]
     changed = []
     for value in cards + ibans + ssns:
         text = f"The reference {value} is on the form."
@@ -501,3 +505,274 @@ def test_a_card_beside_a_phone_number_keeps_both_types(scrubber):
     text = "Card 4111 1111 1111 1111, call +44 20 7946 0958."
     assert scrubber.scrub(text, counts) == "Card <CARD>, call <PHONE>."
     assert counts == {"CARD": 1, "PHONE": 1}
+
+
+# ---------------------------------------------------------------------------------------------- the default policy
+
+@pytest.fixture(scope="module")
+def default_scrubber():
+    """data.pii as `fedtune init` writes it."""
+    from fedtune.config import PiiSettings
+
+    return PiiScrubber(PiiPolicy.of(PiiSettings(), [], None))
+
+
+# Values an outside measurement (Faker, seven locales) found surviving the earlier defaults: cards outside
+# 13-16 digits, US numbers with an extension or dots, national numbers of countries then not configured.
+SURVIVORS = [
+    ("CARD", "676315510294"),          # 12-digit Maestro
+    ("CARD", "5018 0328 5318"),        # 12-digit Maestro, grouped
+    ("CARD", "213124821910834"),       # 15-digit JCB starting 2131
+    ("CARD", "4589791466495320560"),   # 19-digit Visa
+    ("CARD", "4589 7914 6649 5320 560"),
+    ("PHONE", "(483)469-4923x597"), ("PHONE", "001-755-616-1804x6774"), ("PHONE", "766.669.3740"),
+    ("PHONE", "487-364-7593 ext. 824"), ("PHONE", "+1 (150) 889-9579"),
+    ("PHONE", "0114 496 0239"), ("PHONE", "(0118)4960177"), ("PHONE", "+44(0)141 4960809"),  # UK
+    ("PHONE", "04 74 27 74 93"),       # FR
+    ("PHONE", "05043 103993"),         # DE
+    ("PHONE", "0247125328"),           # NL
+    ("PHONE", "+45 28 87 70 44"),      # DK, a country not in the list: by its +CC
+]
+NEW_IDS = [
+    ("US_SSN", "958-12-3456"), ("UK_NINO", "ZZ 12 34 56 T"), ("UK_NINO", "ZZ123456T"),
+    ("DE_KVNR", "L726783746"), ("DE_RVNR", "73110311T528"), ("ES_NSS", "464836694670"),
+    ("AT_SVNR", "4820080403"), ("BE_NN", "18051649945"), ("CA_SIN", "242 008 498"), ("CH_AHV", "756.1743.8029.53"),
+    ("PL_PESEL", "92030804145"), ("SE_PERSONNUMMER", "950919-2747"),
+]
+# Numbers that are not PII, with the separators phone numbers and cards use.
+CLEAN_NUMBERS = ["31.01.2024", "2024-01-31", "01/31/2024", "08.00-17.00", "14:30", "$1,234.56", "1.234,56 €",
+                 "EUR 12.500,00", "E11.9", "S52.501A", "#3067852", "ORD-2024-843893", "10.0.19045.3803", "v2.14.3",
+                 "120/80 mmHg", "5.6 mmol/L", "37.5 °C", "978-1-77454-223-1", "ISBN 978-3-16-148410-0",
+                 "INV-2024-00042", "SW1A 1AA", "75008 Paris", "2019-2024", "12 345 678 €", "1,234,567", "0.25 mg",
+                 "Lot 23-0456", "PO 4500123456", "case 12345", "3 x 500 mg", "20-30 min", "1:1000", "Ref. 2023/0456",
+                 "BMI 27.4", "Mon-Fri 9-17"]
+
+
+@pytest.mark.parametrize(("placeholder", "value"), SURVIVORS + NEW_IDS, ids=[v for _, v in SURVIVORS + NEW_IDS])
+def test_formats_other_generators_write_are_replaced_by_default(default_scrubber, placeholder, value):
+    from stdnum import luhn
+
+    if placeholder == "CARD":
+        assert luhn.is_valid(value.replace(" ", ""))  # a real card number's checksum, not a look-alike
+    counts: Counter = Counter()
+    assert default_scrubber.scrub(f"Please note {value} in the file.", counts) == f"Please note <{placeholder}> in the file."
+    assert counts == Counter({placeholder: 1})
+
+
+@pytest.mark.parametrize("value", CLEAN_NUMBERS)
+def test_ordinary_numbers_stay_under_the_default_policy(default_scrubber, value):
+    text = f"Note: {value}, as agreed."
+    assert default_scrubber.scrub(text, Counter()) == text
+
+
+def test_dashed_ssn_shapes(us_scrubber):
+    """Written 123-45-6789 a number is taken for an SSN whatever its area (generators use 000, 666 and 9xx);
+    written otherwise it must follow the allocation rules (see test_checksum_lookalikes_are_left_alone)."""
+    for value in ("000-12-3456", "666-12-3456", "958-12-3456", "123-00-4567"):
+        counts: Counter = Counter()
+        assert us_scrubber.scrub(f"SSN {value} on file.", counts) == "SSN <US_SSN> on file.", value
+    counts = Counter()
+    assert us_scrubber.scrub("ITIN 912-91-3457 on file.", counts) == "ITIN <US_ITIN> on file."
+
+
+FAKER_LOCALES = ["en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL"]
+
+
+def test_faker_values_in_seven_locales(default_scrubber):
+    """Another generator's values (Faker: every phone format of a locale, every card type, its national IDs) in
+    a sentence: at least 99 % are replaced whole under the default policy (benchmarks/pii_recall.py measures
+    more locales and clean text)."""
+    from faker import Faker
+
+    missed, total = [], 0
+    for n, locale in enumerate(FAKER_LOCALES):
+        fake = Faker(locale)
+        fake.seed_instance(n)
+        provider = next(p for p in fake.get_providers() if type(p).__module__.startswith("faker.providers.credit_card"))
+        cards = [t for t in provider.credit_card_types if t not in ("visa", "jcb")]  # those two are aliases
+        values = [fake.phone_number() for _ in range(30)] + [fake.ssn() for _ in range(10)]
+        values += [fake.credit_card_number(cards[i % len(cards)]) for i in range(20)] + [fake.iban() for _ in range(5)]
+        for value in values:
+            total += 1
+            out = default_scrubber.scrub(f"Details: {value}. Thanks.", Counter())
+            if not re.fullmatch(r"Details: (<[A-Z_]+>[\s-]*)+\. Thanks\.", out):  # nothing of it left
+                missed.append(f"{locale} {value!r} -> {out!r}")
+    assert len(missed) <= 0.01 * total, missed
+
+
+# ---------------------------------------------------------------------------------------------- not scanned
+
+def test_card_says_what_was_not_scanned(small_run):
+    _out, card, _text = small_run
+    gaps = card["pii_not_scanned"]
+    assert "person names" in gaps and "--ner-model" in gaps["person names"] and "--deny-list" in gaps["person names"]
+    assert any(k.startswith("national IDs of countries not in") for k in gaps)
+    assert any("postal addresses" in k for k in gaps)
+
+
+def test_not_scanned_names_what_the_policy_leaves_out():
+    from fedtune.config import PiiSettings
+    from fedtune.data.contract import pii_not_scanned
+
+    gaps = pii_not_scanned(PiiSettings(entities=["EMAIL", "PHONE", "NATIONAL_ID"], countries=["US", "DK"]), ner=True)
+    assert "person names" not in gaps
+    assert {"CARD", "IBAN", "IP"} <= set(gaps) and "EMAIL" not in gaps
+    assert "national IDs of DK" in gaps  # a country on the list with no ID check says so
+
+
+def test_prepare_warns_about_what_was_not_scanned_every_time(fed, tmp_path, capsys):
+    _config, folder = fed
+    raw = write_jsonl(tmp_path / "raw.jsonl", SMALL_RECORDS)
+    for extra in ([], ["--json"]):
+        code, _stdout, err = run_cli(["prepare", "--config", folder / "federation.yaml", "--site", "clinic", "--input",
+                                      raw, "--dry-run", *extra], capsys)
+        assert code == 0, err
+        warnings = [line for line in err.splitlines() if line.startswith("warning: PII not scanned: ")]
+        assert any("person names" in w and "--ner-model" in w for w in warnings), err
+        assert any("postal addresses" in w for w in warnings), err
+
+
+# ---------------------------------------------------------------------------------------------- stricter sites
+
+def _federation_with(folder: Path, dest: Path, pii: dict) -> Path:
+    import yaml
+
+    data = yaml.safe_load((folder / "federation.yaml").read_text())
+    data["data"]["pii"] |= pii
+    dest.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return dest
+
+
+def test_a_site_adds_countries_entities_and_patterns(fed, tokenizer, tmp_path, capsys):
+    _config, folder = fed
+    config = _federation_with(folder, tmp_path / "federation.yaml", {"entities": ["EMAIL", "PHONE"]})
+    rows = [{"instruction": "Which card?", "output": "Card 4111 1111 1111 1111, case CASE-204811, call +45 28 87 70 44."},
+            {"text": "Write to ops@clinic.example.org about case CASE-119020."}]
+    out = tmp_path / "prepared"
+    code, _stdout, err = run_cli(["prepare", "--config", config, "--site", "clinic", "--input",
+                                  write_jsonl(tmp_path / "raw.jsonl", rows), "--out", out, "--pii-entity", "CARD",
+                                  "--pii-country", "dk", "--pii-pattern", r"CASE=CASE-\d{6}"], capsys)
+    assert code == 0, err
+    card = json.loads((out / "data_card.json").read_text())
+    text = decoded_tokens(out, tokenizer)
+    assert "4111" not in text and "CASE-2" not in text and "CASE-1" not in text and "28 87" not in text, text
+    policy = card["contract"]["pii_policy"]
+    assert policy["site_added"] == {"entities": ["CARD"], "countries": ["DK"], "patterns": ["CASE"]}
+    assert "CARD" not in card["pii_not_scanned"] and "IBAN" in card["pii_not_scanned"]
+    # the federation's own policy is covered: train-local accepts the stricter data
+    code, _out, err = run_cli(["train-local", "--config", config, "--site", "clinic", "--data", out,
+                               "--global", folder / "registry", "--out", tmp_path / "updates", "--steps", "1"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("option", "value", "fragment"), [
+    ("--pii-pattern", "CASE", "NAME=REGEX"),
+    ("--pii-pattern", "MRN=MRN\\d+", "already has MRN"),
+    ("--pii-pattern", "case=x", "upper case"),
+    ("--pii-country", "XX", "unknown country code XX"),
+    ("--pii-entity", "NAMES", "--pii-entity"),
+])
+def test_bad_site_additions_are_one_error_line(fed, tmp_path, capsys, option, value, fragment):
+    _config, folder = fed
+    raw = write_jsonl(tmp_path / "raw.jsonl", SMALL_RECORDS)
+    code, _stdout, err = run_cli(["prepare", "--config", folder / "federation.yaml", "--site", "clinic", "--input", raw,
+                                  "--out", tmp_path / "prepared", option, value], capsys)
+    assert code == 2, err
+    assert fragment in _one_error_line(err)
+    assert not (tmp_path / "prepared").exists()
+
+
+def _forged(small_run, tmp_path: Path, change) -> Path:
+    """A copy of the small site's prepared folder whose card records another PII policy."""
+    import shutil
+
+    out, _card, _text = small_run
+    copy = tmp_path / "forged"
+    shutil.copytree(out, copy)
+    card = json.loads((copy / "data_card.json").read_text())
+    change(card["contract"]["pii_policy"])
+    (copy / "data_card.json").write_text(json.dumps(card), encoding="utf-8")
+    return copy
+
+
+def _train_local(fed, data: Path, tmp_path: Path, capsys) -> tuple[int, str]:
+    _config, folder = fed
+    code, _out, err = run_cli(["train-local", "--config", folder / "federation.yaml", "--site", "clinic", "--data", data,
+                               "--global", folder / "registry", "--out", tmp_path / "updates", "--steps", "1"], capsys)
+    return code, err
+
+
+def _drop_first_term(policy: dict) -> None:
+    policy["deny_list_term_sha256"] = policy["deny_list_term_sha256"][1:]
+
+
+WEAKER = {
+    "entity": (lambda p: p["entities"].remove("PHONE"), "entities PHONE not applied"),
+    "country": (lambda p: p["countries"].remove("NL"), "countries NL not applied"),
+    "pattern changed": (lambda p: p["patterns"].update(MRN=r"MRN-\d{7}"), "patterns MRN had another regex"),
+    "pattern missing": (lambda p: p["patterns"].pop("MRN"), "patterns MRN not applied"),
+    "deny-list": (_drop_first_term, "deny_list: 1 term(s) not applied"),
+}
+
+
+@pytest.mark.parametrize("case", list(WEAKER))
+def test_train_local_refuses_a_weaker_pii_policy(fed, small_run, tmp_path, capsys, case):
+    change, fragment = WEAKER[case]
+    code, err = _train_local(fed, _forged(small_run, tmp_path, change), tmp_path, capsys)
+    assert code == 2, err
+    line = _one_error_line(err)
+    assert "another PII policy, weaker than federation.yaml's" in line and fragment in line, line
+    assert not (tmp_path / "updates").exists()
+
+
+def test_train_local_accepts_a_stricter_pii_policy(fed, small_run, tmp_path, capsys):
+    import hashlib
+
+    def stricter(policy: dict) -> None:
+        policy["entities"].append("PERSON_NAME")
+        policy["countries"] += ["DK", "NO"]
+        policy["patterns"]["CASE"] = r"CASE-\d{6}"
+        policy["deny_list_term_sha256"].append(hashlib.sha256(b"another term").hexdigest())
+
+    code, err = _train_local(fed, _forged(small_run, tmp_path, stricter), tmp_path, capsys)
+    assert code == 0, err
+
+
+def test_a_card_from_before_per_term_hashes_needs_the_same_deny_list(fed, small_run, tmp_path, capsys):
+    code, err = _train_local(fed, _forged(small_run, tmp_path, lambda p: p.pop("deny_list_term_sha256")), tmp_path, capsys)
+    assert code == 0, err
+    forged = _forged(small_run, tmp_path / "b", lambda p: (p.pop("deny_list_term_sha256"),
+                                                           p.update(deny_list_sha256="0" * 64)))
+    code, err = _train_local(fed, forged, tmp_path / "b", capsys)
+    assert code == 2 and "deny_list differs" in _one_error_line(err), err
+
+
+# ---------------------------------------------------------------------------------------------- spaCy pipelines
+
+def _spacy_pipeline(folder: Path, label: str) -> Path:
+    """A blank English spaCy pipeline whose entity ruler tags two surnames: it checks the wiring of a spaCy
+    --ner-model, not the quality of any model."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("entity_ruler").add_patterns([{"label": label, "pattern": "Lindqvist"},
+                                               {"label": label, "pattern": [{"LOWER": "ximena"}, {"LOWER": "okafor"}]}])
+    nlp.to_disk(folder)
+    return folder
+
+
+def test_a_spacy_pipeline_finds_person_names(tmp_path):
+    scrubber = PiiScrubber(PiiPolicy(ner_model=str(_spacy_pipeline(tmp_path / "nlp", "PERSON"))))
+    counts: Counter = Counter()
+    out = scrubber.scrub("Ximena Okafor called; Dr. Lindqvist phoned twice about room 12.", counts)
+    assert out == "<PERSON> called; Dr. <PERSON> phoned twice about room 12." and counts == {"PERSON": 2}
+
+
+def test_a_spacy_pipeline_without_person_labels_is_refused(fed, tmp_path, capsys):
+    _config, folder = fed
+    model = _spacy_pipeline(tmp_path / "nlp", "ORG")
+    code, _stdout, err = run_cli(["prepare", "--config", folder / "federation.yaml", "--site", "clinic", "--input",
+                                  write_jsonl(tmp_path / "raw.jsonl", SMALL_RECORDS), "--dry-run", "--ner-model", model],
+                                 capsys)
+    assert code == 2, err
+    assert str(model) in _one_error_line(err) and "PERSON" in _one_error_line(err)
