@@ -338,7 +338,7 @@ def _exactness_line(method: str | None, error: dict) -> str:
     line = (f"  reconstruction error ‖ΔW* − B′A′‖/‖ΔW*‖ (how far the merged factors' product is from the exact "
             f"weighted mean of the sites' products; 0 = exact): max {error['max']:.2e}, mean {error['mean']:.2e}")
     if method == "fedavg":
-        line += (" — fedavg averages A and B separately, so this is expected to be large (often 0.1–1) once sites "
+        line += (" — fedavg averages A and B separately, so this is expected to be large once sites "
                  "have trained A apart; ffa and svd are exact")
     return line
 

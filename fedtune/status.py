@@ -5,6 +5,7 @@ Reads the registry and the updates folder only; never loads a model or a tensor.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fedtune.config import SITE_NAME, FederationConfig
@@ -23,8 +24,6 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
         {"latest": {version, round, method, contributors, created}, "round", "quorum", "ready",
          "waiting": {"folder", "sites", "missing", "unknown"}}
     """
-    import re
-
     registry = Registry(registry_root)
     latest_dir = registry.latest()
     manifest = read_version_manifest(latest_dir)

@@ -9,8 +9,7 @@ import numpy as np
 
 from fedtune.data.sources import Record
 from fedtune.errors import BadInput
-
-IGNORE = -100
+from fedtune.models import IGNORE
 
 
 def _template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
