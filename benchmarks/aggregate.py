@@ -4,13 +4,16 @@
     python benchmarks/aggregate.py --sites 4,16             # less disk (1.1 GB instead of 4.3 GB of updates)
     python benchmarks/aggregate.py --preset tiny --whole-preset tiny --sites 2,4 --repeat 1   # checks the script
 
-Round 1 of a real federation is built on disk under --work (reused by later runs): a registry with
-v0000 and updates/round-0001/<site>/ holding random deltas N(0, 1e-3) and manifests that pass
-`check_update`. Every contender runs in its own process, on warm page-cache files, so peak RSS is its
-own:
+Round 1 of a real federation is built on disk under --work (reused by later runs): federation.yaml with
+a coordinator key and a roster of 64 sites, each with its own Ed25519 key; a registry whose v0000 is
+signed by the coordinator the way `fedtune init` signs it; and rounds/kK/round-0001/<site>/ holding
+random deltas N(0, 1e-3) encoded and signed by `fedtune.wire.update.encode_update` (manifest.json +
+manifest.sig), so `fedtune aggregate` accepts every one with signatures on. Every contender runs in
+its own process, on warm page-cache files, so peak RSS is its own:
 
-  fedtune ...        `merge_updates` in-process (validation with `check_update` untimed): the streaming
-                     merge reading the safetensors files key by key; returns parent + merged delta.
+  fedtune ...        `merge_updates` in-process on the private copies that `collect_round` made while
+                     validating (untimed): the streaming merge reading the safetensors files key by key;
+                     returns parent + merged delta.
   flower ...         `flwr.server.strategy.aggregate.aggregate` / `aggregate_trimmed_avg(…, 0.2)` on the
                      arrays as a Flower server holds them (list[(NDArrays, num_examples)], loaded untimed);
                      returns the merged delta.
@@ -18,9 +21,10 @@ own:
                      base weights are stride-0 views, so only the LoRA factors use memory). "linear" is
                      A ← Σ√(p_k·s)·A_k, B ← Σ√(p_k·s)·B_k (not fedavg's product, same cost); "svd" forms
                      each dense d×k product and takes its SVD.
-  whole process      `fedtune aggregate` (validation, merge, write, commit), with fedtune's default settings
-                     and with aggregation.report_error: true, vs "the Flower way": a process that loads
-                     every update with safetensors.numpy, runs `aggregate`, adds the parent and saves.
+  whole process      `fedtune aggregate` (signature checks, validation, merge, write, commit), with
+                     fedtune's default settings and with aggregation.report_error: true, vs "the Flower
+                     way": a process that loads every update with safetensors.numpy, runs `aggregate`,
+                     adds the parent and saves.
 
 Prints wall time (the median of the runs after the first in one process, and the first run), update
 GB/s (total update bytes / wall time), peak RSS (VmHWM, file pages mapped by mmap included) and peak
@@ -46,7 +50,7 @@ DEFAULT_SAVE = ROOT / "benchmarks" / "results" / "aggregate_cpu.json"
 ADAPTER = "adapter_model.safetensors"
 FAKE_SHA = "5eed" * 16  # the base model's fingerprint: never loaded, only compared
 ROSTER = 64  # sites on the federation's roster (a round uses the first K of them)
-GENERATOR = 1  # bump when the generated data changes, to rebuild cached rounds
+GENERATOR = 2  # bump when the generated data changes, to rebuild cached rounds
 
 # LoRA shapes: module path → (in_features, out_features); lora_A is [r, in], lora_B [out, r].
 _LLAMA_7B = {f"self_attn.{m}_proj": (4096, 4096) for m in "qkvo"}
@@ -113,10 +117,11 @@ def update_bytes(spec: dict) -> int:
     return sum(4 * a * b for _, (a, b) in lora_keys(spec))
 
 
-def federation(preset: str, report_error: bool | None = None):
-    """The federation as federation.yaml holds it; aggregation.report_error is left at fedtune's
-    default unless given."""
+def federation(layout: Layout, preset: str, report_error: bool | None = None):
+    """The federation as federation.yaml holds it: the roster's and the coordinator's public keys from the
+    key files under `layout`; aggregation.report_error is left at fedtune's default unless given."""
     from fedtune.config import FederationConfig
+    from fedtune.wire.keys import read_public_file
 
     spec = spec_of(preset)
     return FederationConfig.model_validate({
@@ -125,7 +130,9 @@ def federation(preset: str, report_error: bool | None = None):
         "lora": {"r": spec["r"], "alpha": spec["alpha"],
                  "target_modules": [path.rsplit(".", 1)[1] for path in spec["modules"]]},
         "aggregation": {} if report_error is None else {"report_error": report_error},
-        "sites": [{"name": site_name(i)} for i in range(ROSTER)],
+        "coordinator_key": read_public_file(layout.coordinator_pub),
+        "sites": [{"name": site_name(i), "key": read_public_file(layout.site_key(i).with_suffix(".pub"))}
+                  for i in range(ROSTER)],
     })
 
 
@@ -141,14 +148,22 @@ class Layout:
     """Where one preset's round lives under --work."""
 
     def __init__(self, work: Path, preset: str):
+        from fedtune.registry import COORDINATOR_KEY
+
         self.root = work / preset
         self.fed = self.root / "fed"
         self.config = self.fed / "federation.yaml"
         self.config_error = self.fed / "federation-report-error-on.yaml"
         self.registry = self.fed / "registry"
+        self.coordinator_key = self.fed / COORDINATOR_KEY  # beside the registry, where `fedtune aggregate` looks
+        self.coordinator_pub = self.coordinator_key.with_suffix(".pub")
+        self.keys = self.root / "keys"  # each site's private key (a site keeps its own; here one folder holds all)
         self.backup = self.root / "registry-backup"  # LATEST and log.jsonl as v0000 left them
         self.pool = self.root / "pool"
         self.stamp = self.root / "bench.json"
+
+    def site_key(self, index: int) -> Path:
+        return self.keys / f"{site_name(index)}.key"
 
     def round_dir(self, sites: int) -> Path:
         return self.root / "rounds" / f"k{sites}" / "round-0001"
@@ -161,50 +176,97 @@ def cached_bytes(layout: Layout, sites: int) -> int:
     return sum(f.stat().st_size for f in layout.update_files(sites) if f.is_file())
 
 
-def build_round(layout: Layout, preset: str, sites: int, log=print) -> None:
-    """A federation with v0000 and round-0001 of `sites` updates, reusing what an earlier run wrote."""
-    import numpy as np
+def seeded_tensors(spec: dict) -> dict:
+    """v0000's tensors with peft's init: A ~ U(±1/√in), B = 0 (no model is loaded for these shapes)."""
     import torch
 
-    from fedtune.adapter import UPDATE_FORMAT, write_adapter
-    from fedtune.artifacts import atomic_folder, read_json, sha256_file, stamp, write_json_atomic
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key, shape in lora_keys(spec):
+        if key.endswith("lora_A.weight"):
+            bound = 1 / shape[1] ** 0.5
+            tensors[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        else:
+            tensors[key] = torch.zeros(shape)
+    return tensors
+
+
+def init_registry(layout: Layout, preset: str) -> None:
+    """Keys, federation.yaml and a signed v0000, made as `fedtune.federation.init_federation` makes them
+    (which needs a real model to seed the adapter; these shapes have none)."""
+    from fedtune.adapter import write_adapter
+    from fedtune.artifacts import write_text_atomic
     from fedtune.config import federation_to_yaml
     from fedtune.federation import global_manifest
-    from fedtune.registry import Registry, read_version_manifest, version_name
+    from fedtune.registry import Registry, roster_sha256, version_name
+    from fedtune.wire import SigningKey
+    from fedtune.wire.version import write_version_manifest
+
+    for index in range(ROSTER):
+        SigningKey.generate().write(layout.site_key(index), layout.site_key(index).with_suffix(".pub"))
+    coordinator = SigningKey.generate()
+    coordinator.write(layout.coordinator_key, layout.coordinator_pub)
+    config = federation(layout, preset)
+    registry = Registry(layout.registry, coordinator)
+    registry.root.mkdir(parents=True)
+    with registry.lock("init"):
+        built = registry.root / f".{version_name(0)}.init.tmp"
+        built.mkdir()
+        sha = write_adapter(built, seeded_tensors(spec_of(preset)), config)
+        manifest = global_manifest(config, 0, sha, parent=None, method="seeded-init",
+                                   params={"seed": config.seed}, contributors=[], rejected=[])
+        write_version_manifest(built, manifest, coordinator)
+        registry.commit(registry.publish(built, version_name(0)), {"roster_sha256": roster_sha256(config)})
+    write_text_atomic(layout.config, federation_to_yaml(config))
+
+
+def update_fields(config, parent: dict, index: int) -> dict:
+    """A site's manifest fields as `fedtune.train.compute_update` fills them (encoding adds sha256, nonce, stamp)."""
+    from fedtune.wire import UPDATE_FORMAT
+
+    return {
+        "format": UPDATE_FORMAT, "site": site_name(index), "round": 1,
+        "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
+        "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
+        "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "target_modules": config.lora.target_modules},
+        "trained": "AB", "num_examples": num_examples(index), "num_tokens": 128 * num_examples(index),
+        "train": {"steps": 20, "lr": 2e-3, "batch_size": 4, "grad_accum": 1, "loss_first": 2.5,
+                  "loss_last": 2.0 - index / 1000, "seconds": 1.0, "tokens_per_second": 1.0},
+        "privacy": {"mechanism": None},
+    }
+
+
+def build_round(layout: Layout, preset: str, sites: int, log=print) -> None:
+    """A federation with v0000 and round-0001 of `sites` signed updates, reusing what an earlier run wrote."""
+    import torch
+
+    from fedtune.adapter import adapter_config
+    from fedtune.artifacts import read_json
+    from fedtune.config import federation_to_yaml
+    from fedtune.registry import Registry
+    from fedtune.wire import SigningKey
+    from fedtune.wire.update import encode_update, write_update
+    from fedtune.wire.version import read_version_manifest
 
     spec = spec_of(preset)
     want = {"preset": preset, "spec": json.loads(json.dumps(spec)), "roster": ROSTER, "generator": GENERATOR}
     if layout.stamp.is_file() and json.loads(layout.stamp.read_text()) != want:
         log(f"  {layout.root}: made by another version of this script; rebuilding")
         shutil.rmtree(layout.root)
-    config = federation(preset)
     registry = Registry(layout.registry)
     if not registry.exists():
         shutil.rmtree(layout.root, ignore_errors=True)
         layout.fed.mkdir(parents=True)
-        generator = torch.Generator().manual_seed(0)
-        tensors = {}
-        for key, shape in lora_keys(spec):
-            if key.endswith("lora_A.weight"):  # peft's init: A ~ U(±1/√in), B = 0
-                bound = 1 / shape[1] ** 0.5
-                tensors[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-            else:
-                tensors[key] = torch.zeros(shape)
-        layout.registry.mkdir(parents=True)
-        with atomic_folder(registry.path_of(version_name(0))) as tmp:
-            sha = write_adapter(tmp, tensors, config)
-            manifest = global_manifest(config, 0, sha, parent=None, method="seeded-init",
-                                       params={"seed": config.seed}, contributors=[], rejected=[])
-            write_json_atomic(tmp / "manifest.json", manifest)
-        registry.commit(version_name(0), sha, registry.path_of(version_name(0)) / "manifest.json")
+        init_registry(layout, preset)
         layout.backup.mkdir(parents=True, exist_ok=True)
         for name in ("LATEST", "log.jsonl"):
             shutil.copy2(layout.registry / name, layout.backup / name)
         layout.stamp.write_text(json.dumps(want, indent=2) + "\n")
+    config = federation(layout, preset)
     layout.config.write_text(federation_to_yaml(config))
-    layout.config_error.write_text(federation_to_yaml(federation(preset, report_error=True)))
+    layout.config_error.write_text(federation_to_yaml(federation(layout, preset, report_error=True)))
     reset_registry(layout)
-    parent = read_version_manifest(registry.latest())
+    parent = read_version_manifest(registry.latest(), config.coordinator_key)
     made = 0
     for index in range(sites):
         folder = layout.pool / site_name(index)
@@ -214,31 +276,22 @@ def build_round(layout: Layout, preset: str, sites: int, log=print) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         generator = torch.Generator().manual_seed(1000 + index)
         delta = {key: torch.randn(shape, generator=generator).mul_(1e-3) for key, shape in lora_keys(spec)}
-        with atomic_folder(folder) as tmp:
-            write_adapter(tmp, delta, config)
-            manifest = {
-                "format": UPDATE_FORMAT, "site": site_name(index), "round": 1,
-                "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
-                "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
-                "lora": {"r": config.lora.r, "alpha": config.lora.alpha, "target_modules": config.lora.target_modules},
-                "trained": "AB", "num_examples": num_examples(index), "num_tokens": 128 * num_examples(index),
-                "train": {"steps": 20, "lr": 2e-3, "batch_size": 4, "grad_accum": 1, "loss_first": 2.5,
-                          "loss_last": float(np.float32(2.0 - index / 1000)), "seconds": 1.0, "tokens_per_second": 1.0},
-                "privacy": {"mechanism": None},
-                "sha256": sha256_file(tmp / ADAPTER),
-                **stamp(),
-            }
-            write_json_atomic(tmp / "manifest.json", manifest)
+        key = SigningKey.load(layout.site_key(index))
+        write_update(folder, encode_update(delta, update_fields(config, parent, index), adapter_config(config), key))
         made += 1
         if made % 8 == 0:
             log(f"  wrote {made} updates")
     if made:
         log(f"  {preset}: wrote {made} new update(s) into {layout.pool}")
+    # The round holds real folders (the coordinator refuses links): hard links to the pool's files, no extra disk.
     round_dir = layout.round_dir(sites)
     shutil.rmtree(round_dir, ignore_errors=True)
     round_dir.mkdir(parents=True)
     for index in range(sites):
-        (round_dir / site_name(index)).symlink_to(Path("..", "..", "..", "pool", site_name(index)))
+        target = round_dir / site_name(index)
+        target.mkdir()
+        for path in (layout.pool / site_name(index)).iterdir():
+            os.link(path, target / path.name)
 
 
 def reset_registry(layout: Layout) -> None:
@@ -358,25 +411,26 @@ def sample(arrays: dict) -> dict[str, list[float]]:
 
 
 def child_engine(task: dict) -> dict:
+    import tempfile
+
     import torch
 
     from fedtune.adapter import ADAPTER_FILE, tensor_layout
     from fedtune.aggregate import make_method
-    from fedtune.aggregate.engine import clip_factors, merge_updates, site_weights
-    from fedtune.aggregate.validate import check_update
+    from fedtune.aggregate.engine import clip_factors, merge_updates, outlier_factors, site_weights
+    from fedtune.aggregate.validate import RoundChecks, collect_round
     from fedtune.config import AggregationSettings, load_federation
-    from fedtune.registry import Registry, read_version_manifest
+    from fedtune.registry import Registry
+    from fedtune.wire.version import read_version_manifest
 
     if task.get("threads"):
         torch.set_num_threads(task["threads"])
     layout = Layout(Path(task["work"]), task["preset"])
     config = load_federation(layout.config)
     parent_dir = Registry(layout.registry).latest()
-    parent = read_version_manifest(parent_dir)
+    parent = read_version_manifest(parent_dir, config.coordinator_key)
     shapes = tensor_layout(parent_dir / ADAPTER_FILE)
-    max_bytes = 2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20)
     round_dir = layout.round_dir(task["sites"])
-    valid = [check_update(folder, config, parent, shapes, max_bytes) for folder in sorted(round_dir.iterdir())]
     params = task["params"]
     settings = AggregationSettings(**params)
     for attempt in range(10):  # the robust module may be mid-edit by someone else
@@ -387,18 +441,35 @@ def child_engine(task: dict) -> dict:
             if attempt == 9:
                 raise
             time.sleep(30)
-    weights = site_weights([u.num_examples for u in valid], rule.weighted, settings.max_weight)
-    scale = clip_factors([u.norm for u in valid], settings.clip_norm)
-    anon = AnonPeak()
+    # Validation as `fedtune aggregate` runs it (untimed): signatures, lineage, and the private copies merged below.
+    work = Path(tempfile.mkdtemp(prefix=".copies-", dir=layout.root))
+    try:
+        checks = RoundChecks(config, parent, shapes, max_bytes=2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20),
+                             trains=rule.trains, work=work)
+        valid, rejected, _ = collect_round(round_dir, checks)
+        if rejected:
+            raise SystemExit(f"{round_dir}: the benchmark's updates must all pass, rejected: {rejected[:2]}")
+        # Weights and clipping as the engine computes them.
+        counts = [u.num_tokens if settings.weighting == "tokens" else u.num_examples for u in valid]
+        weighted = rule.weighted and settings.weighting != "uniform"
+        weights = site_weights(counts, weighted, settings.max_weight)
+        scale = clip_factors([u.norm for u in valid], settings.clip_norm) * outlier_factors([u.norm for u in valid],
+                                                                                            settings.norm_bound)
+        anon = AnonPeak()
 
-    def run():
-        return merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale)
+        def run():
+            return merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale)
 
-    others = Others()
-    times = timed(run, task["repeat"], task["budget"])
-    out = {"times": times, "others_cpu_share": others.share(CHILD_START[0])}
-    merged = run() if task.get("sample") else None
-    out["anon_peak_mb"] = anon.stop()
+        others = Others()
+        times = timed(run, task["repeat"], task["budget"])
+        out = {"times": times, "others_cpu_share": others.share(CHILD_START[0])}
+        merged = run() if task.get("sample") else None
+        out["anon_peak_mb"] = anon.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # max_weight caps a site's share, which Flower's num_examples weighting does not: then the two differ by design.
+    plain = site_weights(counts, weighted, None)
+    out["weights_capped"] = bool(abs(weights - plain).max() > 1e-12) or bool((scale < 1).any())
     if merged is not None:
         from safetensors import safe_open
 
@@ -608,12 +679,14 @@ def run_child(task: dict, env: dict, show_stderr: bool = False) -> dict:
 
 
 def disk_check(layout: Layout, spec: dict, sites: int, what: str) -> None:
-    need = sites * update_bytes(spec) * 1.01 - cached_bytes(layout, sites) + 3 * update_bytes(spec)
+    """Room for the round's updates (less what is cached) and for the private copies validation makes of them."""
+    need = sites * update_bytes(spec) * 1.01 - cached_bytes(layout, sites) + sites * update_bytes(spec) \
+        + 3 * update_bytes(spec)
     layout.root.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(layout.root.parent).free
     if need > free - (2 << 30):
-        sys.exit(f"{what}: {sites} updates need {need / 1e9:.1f} GB more under {layout.root.parent}, "
-                 f"{free / 1e9:.1f} GB free (keeping 2 GB); use fewer --sites or another --work")
+        sys.exit(f"{what}: {sites} updates and their private copies need {need / 1e9:.1f} GB more under "
+                 f"{layout.root.parent}, {free / 1e9:.1f} GB free (keeping 2 GB); use fewer --sites or another --work")
 
 
 def memory_need(name: str, sites: int, per_update: int) -> float:
@@ -763,8 +836,11 @@ def agreement(record: dict, say) -> None:
                 continue
             diff = max(abs(a - b) for k in row["sample"] for a, b in zip(row["sample"][k], other["sample"][k]))
             scale = max(abs(b) for k in other["sample"] for b in other["sample"][k])
-            checks.append({"pair": f"{ours} vs {theirs}", "sites": sites, "max_abs_diff": diff, "max_abs_value": scale})
-            say(f"  check {ours} vs {theirs} at {sites} sites: max |diff| {diff:.2e} (values up to {scale:.2e})")
+            capped = bool(row.get("weights_capped"))
+            checks.append({"pair": f"{ours} vs {theirs}", "sites": sites, "max_abs_diff": diff, "max_abs_value": scale,
+                           "weights_capped": capped})
+            note = " — fedtune's max_weight/norm_bound changed the weights here, so they differ by design" if capped else ""
+            say(f"  check {ours} vs {theirs} at {sites} sites: max |diff| {diff:.2e} (values up to {scale:.2e}){note}")
     record["agreement"] = checks
 
 

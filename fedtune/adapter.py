@@ -14,9 +14,7 @@ from fedtune.artifacts import sha256_file, write_json_atomic
 from fedtune.config import FederationConfig
 from fedtune.errors import BadInput
 
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-UPDATE_FORMAT = "fedtune.update/1"
+from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE  # noqa: F401  (the names every module uses)
 
 
 def lora_config(config: FederationConfig, rank: int | None = None):
@@ -49,13 +47,18 @@ def seeded_adapter(model, config: FederationConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: FederationConfig, rank: int | None = None) -> str:
-    """Write adapter_model.safetensors and adapter_config.json into `folder`; returns the tensors' sha256."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+def adapter_config(config: FederationConfig, rank: int | None = None) -> dict:
+    """peft's adapter_config.json of the federation's adapter (or of a site's smaller rank)."""
     lora = lora_config(config, rank).to_dict()
     lora["peft_type"] = "LORA"
     lora["task_type"] = "CAUSAL_LM"
-    write_json_atomic(folder / CONFIG_FILE, json.loads(json.dumps(lora, default=_jsonable)))
+    return json.loads(json.dumps(lora, default=_jsonable))
+
+
+def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: FederationConfig, rank: int | None = None) -> str:
+    """Write adapter_model.safetensors and adapter_config.json into `folder`; returns the tensors' sha256."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+    write_json_atomic(folder / CONFIG_FILE, adapter_config(config, rank))
     return sha256_file(folder / ADAPTER_FILE)
 
 
@@ -79,5 +82,5 @@ def tensor_layout(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 sl = handle.get_slice(key)
                 layout[key] = (tuple(sl.get_shape()), sl.get_dtype())
             return layout
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # safetensors' SafetensorError derives from Exception only
         raise BadInput(f"{path}: not a readable safetensors file ({err})") from None

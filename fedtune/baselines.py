@@ -21,7 +21,7 @@ from fedtune import models
 from fedtune.adapter import ADAPTER_FILE, lora_config, read_tensors, write_adapter
 from fedtune.artifacts import atomic_folder, write_json_atomic
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
-from fedtune.data.prepare import read_prepared
+from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput
 from fedtune.evaluate import evaluate
 from fedtune.federation import global_manifest

@@ -10,6 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import BadInput
+from fedtune.wire.keys import PUBLIC_KEY_RE
+from fedtune.wire.manifests import RosterEntry
 
 DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 FEDERATION_FORMAT = "fedtune.federation/1"
@@ -210,13 +212,12 @@ class DataContract(Strict):
     min_tokens: int = Field(0, ge=0, description="fewest trained tokens a site's train split may hold")
 
 
-SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
-
-
 class AggregationSettings(Strict):
     """How the coordinator merges a round (ALGORITHMS.md has every rule's definition)."""
 
     method: str = Field("fedavg", description="aggregation method (`fedtune aggregate --help` lists them)")
+    weighting: Literal["examples", "tokens", "uniform"] = Field(
+        "examples", description="what a site's weight is proportional to (self-reported counts; see max_weight)")
     trim: float = Field(0.2, ge=0, lt=0.5, description="trimmed means: fraction cut from each tail")
     byzantine: int = Field(1, ge=0, description="krum, multi-krum: number of attackers tolerated (f)")
     keep: int | None = Field(None, ge=1, description="multi-krum: updates averaged (default n - f)")
@@ -224,7 +225,11 @@ class AggregationSettings(Strict):
     clip_radius: float | None = Field(None, gt=0, description="centered-clip: radius tau (default: median update norm)")
     clip_iterations: int = Field(3, ge=1, description="centered-clip: iterations")
     clip_norm: float | None = Field(None, gt=0, description="clip every site's whole delta to this L2 norm first")
-    max_weight: float | None = Field(None, gt=0, le=1, description="cap on any site's weight fraction")
+    max_weight: float | None = Field(0.5, gt=0, le=1, description="cap on any site's weight fraction, so a "
+                                     "self-reported num_examples cannot take the round (raised to 1/K when K sites "
+                                     "cannot share it; null: no cap)")
+    norm_bound: float | None = Field(10.0, gt=1, description="clip an update whose norm exceeds this multiple of "
+                                     "the median norm of the round's other updates (null: off)")
     report_error: bool | None = Field(
         None, description="fedavg/ffa: record the reconstruction error per layer; it costs ~2(Kr)²(d+k) flops per "
         "layer, so by default only when that totals under 10 GFLOP (svd and stack get it for free)")
@@ -236,17 +241,28 @@ class AggregationSettings(Strict):
     server_tau: float = Field(1e-3, gt=0, description="adaptivity tau of fedadagrad / fedadam / fedyogi")
     quorum: int = Field(2, ge=1, description="fewest valid updates that make a round; below it nothing is written")
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from fedtune.aggregate import METHODS  # imported here: fedtune.aggregate imports this module
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}'; choose one of {', '.join(METHODS)}")
+        return value
+
     def effective_server_lr(self) -> float:
         if self.server_lr is not None:
             return self.server_lr
         return 1.0 if self.server_opt in ("none", "fedavgm") else 0.01
 
 
-class SiteEntry(Strict):
-    """One member of the federation."""
+class SecuritySettings(Strict):
+    """Who may send updates, and the bounds on what an update may hold."""
 
-    name: str = Field(pattern=SITE_NAME, description="the site's name: letters, digits, . _ -")
-    lora_r: int | None = Field(None, ge=1, description="this site trains a smaller rank (a site with a small GPU)")
+    require_signatures: bool | None = Field(None, description="refuse unsigned updates; default: true as soon as "
+                                            "any site on the roster has a key")
+    max_update_norm: float = Field(1e4, gt=0, description="an update whose whole delta has a larger L2 norm is "
+                                   "rejected (honest LoRA deltas are far below it)")
 
 
 def _unique_names(sites: list) -> list:
@@ -275,7 +291,10 @@ class FederationConfig(TrainingPlan):
     name: str = Field("federation", description="the federation's name (init: the folder's name)")
     base_model: BaseModelRef = BaseModelRef()
     contract: DataContract = DataContract()
-    sites: list[SiteEntry] = Field(min_length=1)
+    coordinator_key: str | None = Field(None, pattern=PUBLIC_KEY_RE, description="the coordinator's Ed25519 "
+                                        "public key; init fills it in; sites check every version's signature with it")
+    security: SecuritySettings = SecuritySettings()
+    sites: list[RosterEntry] = Field(min_length=1)
 
     _unique_sites = field_validator("sites")(_unique_names)
 
@@ -288,6 +307,15 @@ class FederationConfig(TrainingPlan):
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+    def site_key(self, site: str) -> str | None:
+        return next(s.key for s in self.sites if s.name == site)
+
+    def signatures_required(self) -> bool:
+        """Updates must be signed: as set, else as soon as any site on the roster has a key."""
+        if self.security.require_signatures is not None:
+            return self.security.require_signatures
+        return any(s.key for s in self.sites)
 
     def site_rank(self, site: str) -> int:
         """The LoRA rank `site` trains at: its own lora_r, else the federation's."""
@@ -343,7 +371,7 @@ def _format_errors(err: ValidationError) -> str:
     parts = []
     for item in err.errors():
         loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        msg = "unknown key (check its spelling)" if item["type"] == "extra_forbidden" else item["msg"]
+        msg = "unknown key (check its spelling)" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 

@@ -17,3 +17,9 @@ class StageFailed(FedtuneError):
     """The input was fine but the work could not finish (e.g. training diverged)."""
 
     exit_code = 1
+
+
+class VerifyFailed(FedtuneError):
+    """`fedtune verify` found a file or log line that is not what the registry's signatures and hashes say."""
+
+    exit_code = 1

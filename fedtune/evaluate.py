@@ -11,7 +11,7 @@ import torch
 
 from fedtune import models
 from fedtune.config import FederationConfig
-from fedtune.data.prepare import read_prepared
+from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput
 from fedtune.registry import checked_version
 

@@ -8,15 +8,19 @@ from pathlib import Path
 
 from fedtune import models
 from fedtune.adapter import seeded_adapter, write_adapter
-from fedtune.artifacts import atomic_folder, stamp, write_json_atomic, write_text_atomic
+from fedtune.artifacts import stamp, write_text_atomic
 from fedtune.config import DEFAULT_MODEL, FederationConfig, federation_to_yaml, parse_model, read_yaml
 from fedtune.errors import BadInput
-from fedtune.registry import Registry, version_name
+from fedtune.registry import COORDINATOR_KEY, Registry, roster_sha256, version_name
+from fedtune.wire import VERSION_FORMAT, SigningKey
+from fedtune.wire.version import write_version_manifest
 
 
 def global_manifest(config: FederationConfig, number: int, adapter_sha256: str, **fields) -> dict:
+    """A global version's manifest (wire.VersionManifest); `fields` adds parent, method, contributors, …"""
     return {
-        "format": "fedtune.global/1",
+        "format": VERSION_FORMAT,
+        "federation": config.name,
         "version": version_name(number),
         "round": number,
         **fields,
@@ -49,8 +53,8 @@ def init_federation(
         log: receives progress lines.
     """
     config_path = folder / "federation.yaml"
-    registry = Registry(folder / "registry")
-    for existing in (config_path, registry.root):
+    key_path, public_path = folder / COORDINATOR_KEY, (folder / COORDINATOR_KEY).with_suffix(".pub")
+    for existing in (config_path, folder / "registry", key_path, public_path):
         if existing.exists():
             raise BadInput(f"{existing}: already exists; `fedtune init` starts a new federation in an empty folder")
     if not sites:
@@ -63,29 +67,36 @@ def init_federation(
     if model.startswith(models.EMBEDDED_PREFIX):
         log(f"init: locating {model} (its GGUF file is converted to safetensors once, about 20 s)")
     data["base_model"], weights = _base_model(model, model_id)
+    # The coordinator signs every version and log line; sites check them against this public key.
+    coordinator = SigningKey.generate()
+    data["coordinator_key"] = coordinator.public
     config = parse_model(FederationConfig, data, "init")
     tokenizer = models.load_tokenizer(weights)
     # The data contract names the token space every site must prepare in.
-    from fedtune.data.contract import chat_template_sha
-
     config.contract.tokenizer = config.contract.tokenizer or models.tokenizer_fingerprint(tokenizer)
-    config.contract.chat_template = config.contract.chat_template or chat_template_sha(tokenizer)
+    config.contract.chat_template = config.contract.chat_template or models.chat_template_sha(tokenizer)
     log(f"init: loading {config.base_model.id} to seed the initial adapter")
     base = models.load_base_model(weights)
     _check_targets(base, config)
     tensors = seeded_adapter(base, config)
 
+    registry = Registry(folder / "registry", coordinator)
     registry.root.mkdir(parents=True)
     try:
-        with atomic_folder(registry.path_of(version_name(0))) as tmp:
-            sha = write_adapter(tmp, tensors, config)
+        coordinator.write(key_path, public_path)
+        with registry.lock("init"):
+            built = registry.root / f".{version_name(0)}.init.tmp"
+            built.mkdir()
+            sha = write_adapter(built, tensors, config)
             manifest = global_manifest(config, 0, sha, parent=None, method="seeded-init",
                                        params={"seed": config.seed}, contributors=[], rejected=[])
-            write_json_atomic(tmp / "manifest.json", manifest)
-        registry.commit(version_name(0), sha, registry.path_of(version_name(0)) / "manifest.json")
+            write_version_manifest(built, manifest, coordinator)
+            registry.commit(registry.publish(built, version_name(0)), {"roster_sha256": roster_sha256(config)})
         write_text_atomic(config_path, federation_to_yaml(config))
     except BaseException:
         shutil.rmtree(registry.root, ignore_errors=True)
+        for path in (key_path, public_path):
+            path.unlink(missing_ok=True)
         raise
     return config
 

@@ -337,6 +337,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
+def chat_template_sha(tokenizer) -> str:
+    """sha256 of the chat template ("none" when the tokenizer has none): the data contract's chat_template."""
+    template = tokenizer.chat_template
+    return hashlib.sha256(template.encode()).hexdigest() if template else "none"
+
+
 def load_base_model(model_id: str | Path, dtype=None):
     """Load the base causal LM in full precision, frozen, in eval mode."""
     import torch

@@ -1,7 +1,9 @@
 """`fedtune simulate`: a whole federation on one machine, through the same stage functions the CLI calls.
 
-A recipe site may be an attacker: it trains honestly, then replaces its update with a forged one
-(`forge_update`) and signs what it sends, so only validation and the robust rules can stop it.
+Every site gets its own key pair (out/keys/SITE.key, its public key on the roster) and signs its updates,
+so a simulation runs the whole trust path. A recipe site may be an attacker: it trains honestly, then
+replaces its update with a forged one (`forge_update`) and signs what it sends with its own key, so only
+validation and the robust rules can stop it.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save
 
 from fedtune import models
-from fedtune.adapter import ADAPTER_FILE, read_tensors
+from fedtune.adapter import ADAPTER_FILE, CONFIG_FILE, read_tensors
 from fedtune.aggregate import aggregate_round, method_class
-from fedtune.artifacts import read_json, sha256_file, write_bytes_atomic, write_json_atomic
+from fedtune.artifacts import read_json
 from fedtune.baselines import parse_baselines, run_baselines
 from fedtune.config import Attack, FederationConfig, load_recipe
 from fedtune.data import prepare_site
@@ -28,6 +29,11 @@ from fedtune.federation import init_federation
 from fedtune.registry import Registry
 from fedtune.report import write_report
 from fedtune.train import train_local
+from fedtune.wire import SigningKey
+from fedtune.wire.update import encode_update, write_update
+
+# What encoding adds to a manifest; a forger re-encodes the rest.
+ENCODED_FIELDS = ("sha256", "nonce", "fedtune_version", "created")
 
 
 def simulate(
@@ -72,7 +78,13 @@ def simulate(
     if method is not None:
         plan["aggregation"]["method"] = method
     log(f"init: {out / 'federation.yaml'} (model {recipe.model})")
-    config = init_federation(out, recipe.roster(), recipe.model, plan, log=log)
+    keys = out / "keys"
+    roster = recipe.roster()
+    for entry in roster:
+        key = SigningKey.generate()
+        key.write(keys / f"{entry['name']}.key", keys / f"{entry['name']}.pub")
+        entry["key"] = key.public
+    config = init_federation(out, roster, recipe.model, plan, log=log)
     # A recipe may name its model by folder; the federation records the id, so this run points at the folder.
     model_dir = Path(recipe.model).expanduser() if Path(recipe.model).expanduser().is_dir() else None
     prepared = {}
@@ -91,7 +103,8 @@ def simulate(
     }
     log("eval base: " + _fmt(report["base"]))
     for number in range(1, recipe.rounds + 1):
-        round_dir = train_round(config, prepared, registry.root, out / "updates", attacks, log=log, model_dir=model_dir)
+        round_dir = train_round(config, prepared, registry.root, out / "updates", attacks, log=log, model_dir=model_dir,
+                                keys=keys)
         result = aggregate_round(config, registry.root, round_dir, warn=log)
         scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
         report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()},
@@ -115,8 +128,11 @@ def train_round(
     log: Callable[[str], None] = lambda _msg: None,
     *,
     model_dir: Path | None = None,
+    keys: Path | None = None,
 ) -> Path:
     """Every site trains its update from the registry's LATEST; attackers then forge theirs.
+
+    keys: the folder of the sites' private keys (SITE.key), when the federation signs updates.
 
     Returns:
         The round's updates folder (updates/round-NNNN).
@@ -124,17 +140,18 @@ def train_round(
     attacks = attacks or {}
     folder = None
     for site, data in prepared.items():
-        folder = train_local(config, site, data, registry, updates, log=log, model_dir=model_dir)
+        key = keys / f"{site}.key" if keys is not None else None
+        folder = train_local(config, site, data, registry, updates, log=log, model_dir=model_dir, key=key)
         if site in attacks:
-            forge_update(folder, attacks[site])
+            forge_update(folder, attacks[site], key)
             log(f"{site}: sent a forged update ({attacks[site].kind}, factor {attacks[site].factor:g})")
     if folder is None:
         raise BadInput("simulate: no sites to train")
     return folder.parent
 
 
-def forge_update(folder: Path, attack: Attack) -> Path:
-    """Replace the update in `folder` by what `attack` sends, and re-sign it (the manifest's sha256).
+def forge_update(folder: Path, attack: Attack, key: Path | None = None) -> Path:
+    """Replace the update in `folder` by what `attack` sends, signed with the attacker's own `key`.
 
     sign-flip: delta × (−factor); scale: delta × factor; noise: Gaussian noise with std factor × the
     honest delta's std, per tensor; nan: a NaN written into one tensor. The noise is seeded by the
@@ -159,10 +176,9 @@ def forge_update(folder: Path, attack: Attack) -> Path:
         first = min(forged)
         forged[first] = forged[first].clone()
         forged[first].view(-1)[0] = math.nan
-    write_bytes_atomic(folder / ADAPTER_FILE, save(forged, metadata={"format": "pt"}))
-    manifest["sha256"] = sha256_file(folder / ADAPTER_FILE)
-    write_json_atomic(folder / "manifest.json", manifest)
-    return folder
+    fields = {k: v for k, v in manifest.items() if k not in ENCODED_FIELDS}
+    signer = SigningKey.load(key) if key is not None else None
+    return write_update(folder, encode_update(forged, fields, read_json(folder / CONFIG_FILE), signer), replace=True)
 
 
 def _fmt(losses: dict) -> str:

@@ -18,15 +18,16 @@ import numpy as np
 import torch
 
 from fedtune import models
-from fedtune.adapter import ADAPTER_FILE, UPDATE_FORMAT, lora_config, read_tensors, write_adapter
-from fedtune.aggregate.updates import factor_of, rank_slice
-from fedtune.artifacts import atomic_folder, sha256_file, stamp, write_json_atomic
+from fedtune.adapter import ADAPTER_FILE, adapter_config, lora_config, read_tensors
+from fedtune.aggregate import method_class
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
-from fedtune.data.contract import chat_template_sha, require_contract
-from fedtune.data.prepare import read_prepared
+from fedtune.data.contract import require_contract
+from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput, StageFailed
 from fedtune.registry import checked_version, round_dir_name
-
+from fedtune.wire import UPDATE_FORMAT, SigningKey
+from fedtune.wire.tensors import factor_of, rank_slice
+from fedtune.wire.update import encode_update, write_update
 
 
 def _batches(ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
@@ -125,6 +126,35 @@ def train_loop(
     return LoopResult(accelerator.unwrap_model(model), losses, tokens, seconds)
 
 
+@dataclass
+class ComputedUpdate:
+    """One site's update in memory: what `wire.encode_update` turns into the bytes that are sent."""
+
+    site: str
+    round: int
+    tensors: dict[str, torch.Tensor]
+    fields: dict  # the manifest, less what encoding adds (tensors' sha256, nonce, stamp)
+    adapter_config: dict
+
+
+def site_signer(config: FederationConfig, site: str, key: Path | None) -> SigningKey | None:
+    """The site's private key, checked against the roster before any training starts."""
+    config.require_site(site, "train-local")
+    listed = config.site_key(site)
+    if key is None:
+        if config.signatures_required():
+            raise BadInput(f"--key: this federation requires signed updates; give site {site}'s private key "
+                           f"(`fedtune keys new --name {site}` makes one; the coordinator puts its .pub on the roster)")
+        return None
+    signer = SigningKey.load(key)
+    if listed is None and config.signatures_required():
+        raise BadInput(f"{key}: the roster holds no key for site {site}; the coordinator adds it with "
+                       f"`fedtune roster add --site {site} --key {site}.pub`")
+    if listed is not None and signer.public != listed:
+        raise BadInput(f"{key}: not the key the roster holds for site {site} (its public key is {signer.public})")
+    return signer
+
+
 def train_local(
     config: FederationConfig,
     site: str,
@@ -137,8 +167,9 @@ def train_local(
     log: Callable[[str], None] = lambda _msg: None,
     *,
     model_dir: Path | None = None,
+    key: Path | None = None,
 ) -> Path:
-    """Train one site's update for the round after the given global version.
+    """Train one site's update for the round after the given global version and write it, signed.
 
     Args:
         config: the federation.
@@ -149,10 +180,34 @@ def train_local(
         steps, lr, batch_size: override the federation's training defaults.
         log: receives progress lines.
         model_dir: the folder holding this site's copy of the base model (else FEDTUNE_MODEL_DIR or its id).
+        key: the site's private key (required when the federation requires signed updates).
 
     Returns:
         The update folder.
     """
+    signer = site_signer(config, site, key)
+    _parent_dir, parent = checked_version(global_ref, config)
+    target = updates / round_dir_name(parent["round"] + 1) / site
+    if target.exists():
+        raise BadInput(f"{target}: already exists; this site has already sent an update for round {parent['round'] + 1}")
+    update = compute_update(config, site, data, global_ref, steps, lr, batch_size, log, model_dir=model_dir)
+    return write_update(target, encode_update(update.tensors, update.fields, update.adapter_config, signer))
+
+
+def compute_update(
+    config: FederationConfig,
+    site: str,
+    data: Path,
+    global_ref: Path,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+    *,
+    model_dir: Path | None = None,
+) -> ComputedUpdate:
+    """Train from the global version (its coordinator signature and files checked first) and return the delta
+    (local − parent) and its manifest fields, in memory. Arguments as for `train_local`."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     config.require_site(site, "train-local")
@@ -160,15 +215,12 @@ def train_local(
     train = parse_model(TrainingSettings, {**config.training.model_dump(), **overrides}, "train-local")
     parent_dir, parent = checked_version(global_ref, config)
     number = parent["round"] + 1
-    target = updates / round_dir_name(number) / site
-    if target.exists():
-        raise BadInput(f"{target}: already exists; this site has already sent an update for round {number}")
     card, ids, labels = read_prepared(data, config, "train")
     if card["site"] != site:
         raise BadInput(f"{data / 'data_card.json'}: prepared for site '{card['site']}', not '{site}'")
     weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "train-local")
     tokenizer = models.load_tokenizer(weights)
-    require_contract(card, config, models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer), data)
+    require_contract(card, config, models.tokenizer_fingerprint(tokenizer), models.chat_template_sha(tokenizer), data)
 
     # Seeds differ by site and round so sites do not draw the same batches, yet every rerun is identical.
     seed = config.seed + 1000 * number + zlib.crc32(site.encode()) % 1000
@@ -182,8 +234,8 @@ def train_local(
     result_load = set_peft_model_state_dict(model, parent_tensors)
     if result_load.unexpected_keys:
         raise BadInput(f"{parent_dir / ADAPTER_FILE}: keys do not fit the base model ({result_load.unexpected_keys[:2]})")
-    # FFA-LoRA keeps A at the shared seeded init; only B trains and travels.
-    trained = "B" if config.aggregation.method == "ffa" else "AB"
+    # What the method lets a site train: FFA-LoRA keeps A at the shared seeded init; only B trains and travels.
+    trained = method_class(config.aggregation.method).trains
     for name, param in model.named_parameters():
         param.requires_grad = "lora_B" in name or ("lora_A" in name and trained == "AB")
 
@@ -197,7 +249,7 @@ def train_local(
     local = get_peft_model_state_dict(result.model, save_embedding_layers=False)
     sent = [k for k in parent_tensors if trained == "AB" or factor_of(k) != "A"]
     delta = {k: (local[k].detach().float().cpu() - parent_tensors[k].float()).contiguous() for k in sent}
-    manifest = {
+    fields = {
         "format": UPDATE_FORMAT,
         "site": site,
         "round": number,
@@ -214,9 +266,4 @@ def train_local(
         },
         "privacy": {"mechanism": None},
     }
-    with atomic_folder(target) as tmp:
-        write_adapter(tmp, delta, config, rank)
-        manifest["sha256"] = sha256_file(tmp / ADAPTER_FILE)
-        manifest.update(stamp())
-        write_json_atomic(tmp / "manifest.json", manifest)
-    return target
+    return ComputedUpdate(site, number, delta, fields, adapter_config(config, rank))

@@ -7,6 +7,7 @@ Imported as `fedkit` (tests/ is on sys.path through conftest.py, like `from conf
 from __future__ import annotations
 
 import hashlib
+import secrets
 import json
 import shutil
 from dataclasses import dataclass
@@ -53,21 +54,29 @@ class World:
 
 
 def build_world(root: Path, tiny_model: Path, extra_sites: dict[str, tuple[str, int]] | None = None,
-                train: bool = True, overrides: dict | None = None, ranks: dict[str, int] | None = None) -> World:
+                train: bool = True, overrides: dict | None = None, ranks: dict[str, int] | None = None,
+                keys: bool = False) -> World:
     """init + prepare + train-local for clinic, bank, dev (and `extra_sites`: name → (topic, record count)).
 
     Does what conftest's federation/prepared/round_one fixtures do, so a module can build it once.
     `overrides` are merged into the federation's settings (e.g. {"aggregation": {"method": "ffa"}});
-    `ranks` gives sites a smaller LoRA rank.
+    `ranks` gives sites a smaller LoRA rank; with `keys` every site gets a key pair (root/keys/SITE.key), its
+    public key goes on the roster and its updates are signed.
     """
     from fedtune.data import prepare_site
     from fedtune.federation import init_federation
     from fedtune.train import train_local
+    from fedtune.wire.keys import SigningKey
 
     extra_sites = extra_sites or {}
     sources = {site: (site, 40) for site in TOPICS} | extra_sites
     settings = json.loads(json.dumps(TINY_OVERRIDES)) | (overrides or {})
-    roster = [{"name": site, "lora_r": (ranks or {})[site]} if site in (ranks or {}) else site for site in sources]
+    roster = [{"name": site, **({"lora_r": ranks[site]} if site in (ranks or {}) else {})} for site in sources]
+    if keys:
+        for entry in roster:
+            key = SigningKey.generate()
+            key.write(root / "keys" / f"{entry['name']}.key", root / "keys" / f"{entry['name']}.pub")
+            entry["key"] = key.public
     config = init_federation(root / "fed", roster, str(tiny_model), settings)
     world = World(root=root, config=config, site_data={})
     for site, (topic, count) in sources.items():
@@ -75,7 +84,8 @@ def build_world(root: Path, tiny_model: Path, extra_sites: dict[str, tuple[str, 
         prepare_site(config, site, [raw], world.prepared(site))
         world.site_data[site] = world.prepared(site)
         if train:
-            train_local(config, site, world.prepared(site), world.registry, world.updates)
+            key = root / "keys" / f"{site}.key" if keys else None
+            train_local(config, site, world.prepared(site), world.registry, world.updates, key=key)
     return world
 
 
@@ -100,20 +110,30 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def sign_version(folder: Path, coordinator_key: Path) -> None:
+    """Sign a (forged) version's manifest.json with the coordinator's key, as the coordinator would."""
+    from fedtune.wire import SigningKey, canonical_json
+
+    signature = SigningKey.load(coordinator_key).sign(canonical_json(read_manifest(folder)))
+    (folder / "manifest.sig").write_text(signature + "\n")
+
+
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / ADAPTER))
 
 
-def forge_update(folder: Path, tensors: dict[str, torch.Tensor] | None = None, resign: bool = True,
-                 **manifest_changes) -> dict:
-    """Rewrite an update in place: new tensors and/or manifest fields.
+def forge_update(folder: Path, tensors: dict[str, torch.Tensor] | None = None, rehash: bool = True,
+                 metadata: dict[str, str] | None = None, **manifest_changes) -> dict:
+    """Rewrite an (unsigned) update in place: new tensors and/or manifest fields.
 
-    With `resign` the manifest's sha256 is recomputed, so only the check under test can catch the change.
+    With `rehash` the manifest's sha256 of the tensors is recomputed, so only the check under test can catch
+    the change. `metadata` goes into the safetensors header (same values, different bytes).
     """
     manifest = read_manifest(folder)
     if tensors is not None:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER), metadata={"format": "pt"})
-        if resign:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER),
+                  metadata={"format": "pt", **(metadata or {})})
+        if rehash:
             manifest["sha256"] = sha256(folder / ADAPTER)
     manifest.update(manifest_changes)
     write_manifest(folder, manifest)
@@ -121,14 +141,15 @@ def forge_update(folder: Path, tensors: dict[str, torch.Tensor] | None = None, r
 
 
 def copy_update(src: Path, dest: Path, site: str | None = None, scale: float | None = None, seed: int = 0) -> Path:
-    """Copy an update folder; optionally rename its site and perturb its delta (sha256 kept consistent)."""
+    """Copy an update folder as a new update (fresh nonce); optionally rename its site and perturb its delta
+    (sha256 kept consistent)."""
     shutil.copytree(src, dest)
     tensors = None
     if scale is not None:
         generator = torch.Generator().manual_seed(seed)
         tensors = {k: v * scale + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in load_tensors(src).items()}
     changes = {"site": site} if site is not None else {}
-    forge_update(dest, tensors=tensors, **changes)
+    forge_update(dest, tensors=tensors, nonce=secrets.token_hex(16), **changes)
     return dest
 
 
@@ -186,7 +207,7 @@ def _missing_key(round_dir: Path):
 
 def _tampered(round_dir: Path):
     # Changed after the manifest was written: the sha256 no longer matches.
-    forge_update(round_dir / "dev", tensors=with_value(round_dir / "dev", 0.5), resign=False)
+    forge_update(round_dir / "dev", tensors=with_value(round_dir / "dev", 0.5), rehash=False)
     return "dev", "does not match the sha256"
 
 
@@ -211,14 +232,14 @@ def _lora_shape(round_dir: Path):
 
 def _bad_num_examples(round_dir: Path):
     forge_update(round_dir / "dev", num_examples=0)
-    return "dev", "num_examples must be a positive integer"
+    return "dev", "manifest.json: num_examples: Input should be greater than or equal to 1"
 
 
 def _second_claim(round_dir: Path):
     # A second folder whose manifest also says it is clinic's update.
     copy_update(round_dir / "dev", round_dir / "clinic-2", site="clinic")
     shutil.rmtree(round_dir / "dev")
-    return "clinic-2", "manifest names site 'clinic' but the folder is 'clinic-2'"
+    return "clinic-2", "manifest.json names site 'clinic' but the folder is 'clinic-2'"
 
 
 def _off_roster(round_dir: Path):
@@ -234,23 +255,23 @@ def _not_json(round_dir: Path):
 
 def _no_tensors(round_dir: Path):
     (round_dir / "dev" / ADAPTER).unlink()
-    return "dev", f"{ADAPTER} missing"
+    return "dev", f"{ADAPTER}: missing"
 
 
 def _parent_not_a_mapping(round_dir: Path):
     forge_update(round_dir / "dev", parent="v0000")
-    return "dev", "manifest.json: parent must be a mapping"
+    return "dev", "manifest.json: parent: Input should be a valid dictionary"
 
 
 def _base_model_not_a_mapping(round_dir: Path):
     forge_update(round_dir / "dev", base_model="tiny")
-    return "dev", "manifest.json: base_model must be a mapping"
+    return "dev", "manifest.json: base_model: Input should be a valid dictionary"
 
 
 def _loss_not_a_number(round_dir: Path):
     manifest = read_manifest(round_dir / "dev")
     forge_update(round_dir / "dev", train={**manifest["train"], "loss_last": "nan-ish"})
-    return "dev", "train.loss_last is not a number"
+    return "dev", "manifest.json: train.loss_last: Input should be a valid number"
 
 
 CORRUPTIONS = {

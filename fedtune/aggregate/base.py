@@ -24,11 +24,21 @@ import torch
 
 @dataclass(frozen=True)
 class Method:
+    """Capabilities, declared by each method so that nothing tests method names:
+
+    trains: the factors a site trains and sends ("AB", or "B" when A stays frozen at the seeded init).
+    weighted: False when every valid update counts equally whatever its size (robust rules).
+    sum_only: the result needs only Σ w_k δ_k with weights fixed before any update is seen — so it runs on
+        masked updates (secure aggregation), and its factor-averaging error is measured separately.
+    refactors: the method writes new factors from the products B·A (no basis shared across rounds, so no
+        server optimizer), and measures its own reconstruction error.
+    """
+
     name: ClassVar[str]
-    # False: every valid update counts equally whatever its num_examples (robust rules).
+    trains: ClassVar[str] = "AB"
     weighted: ClassVar[bool] = True
-    # True: the method reads the factors' products, so the manifest's reconstruction error is its own.
-    lora_aware: ClassVar[bool] = False
+    sum_only: ClassVar[bool] = False
+    refactors: ClassVar[bool] = False
 
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -63,7 +73,7 @@ class CoordinateMethod(Method):
 
 @dataclass(frozen=True)
 class LoraMethod(Method):
-    lora_aware: ClassVar[bool] = True
+    refactors: ClassVar[bool] = True
 
     def output_rank(self, federation_rank: int, site_ranks: list[int]) -> int:
         """The rank of the version this method writes."""

@@ -8,10 +8,10 @@ output adapter — never every update at once.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,19 +21,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedtune.adapter import ADAPTER_FILE, CONFIG_FILE, tensor_layout
+from fedtune.adapter import tensor_layout
 from fedtune.aggregate import make_method
 from fedtune.aggregate.base import CoordinateMethod, LinearMethod, LoraMethod, Method
 from fedtune.aggregate.lora import product_error
-from fedtune.aggregate.mean import FFA, FedAvg
 from fedtune.aggregate.server import STATE_FILE, ServerOptimizer
-from fedtune.aggregate.updates import RoundReader, lora_layers, rank_slice
-from fedtune.aggregate.validate import Rejected, Update, check_update
-from fedtune.artifacts import atomic_folder, read_json, sha256_file, write_json_atomic
+from fedtune.aggregate.updates import RoundReader
+from fedtune.aggregate.validate import RoundChecks, Update, collect_round
+from fedtune.artifacts import read_json, sha256_file
 from fedtune.config import AggregationSettings, FederationConfig, parse_model
 from fedtune.errors import BadInput
 from fedtune.federation import global_manifest
-from fedtune.registry import Registry, read_version_manifest, version_name
+from fedtune.registry import Registry, coordinator_signer, version_name
+from fedtune.wire.codec import pretty_json
+from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, lora_layers, rank_slice
+from fedtune.wire.version import read_version_manifest, write_version_manifest
 
 ROUND_RE = re.compile(r"^round-(\d{4,})$")
 
@@ -45,43 +47,18 @@ class RoundResult:
     contributors: list[dict]
     rejected: list[dict] = field(default_factory=list)
     reconstruction_error: dict | None = None
-
-
-def _collect(round_dir: Path, config, parent, layout, max_bytes, b_only: bool) -> tuple[list[Update], list[dict]]:
-    def check(folder: Path) -> Update | dict:
-        try:
-            update = check_update(folder, config, parent, layout, max_bytes)
-            if b_only and update.trained != "B":
-                raise Rejected("trained A as well, but ffa needs A frozen: set aggregation.method: ffa "
-                               "in federation.yaml before the sites train")
-            return update
-        except Rejected as why:
-            return {"site": folder.name, "reason": str(why)}
-
-    folders = sorted(p for p in round_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # Hashing and the finiteness pass release the GIL, so the updates are checked on every core.
-    with ThreadPoolExecutor(max_workers=max(1, min(len(folders), os.cpu_count() or 1))) as pool:
-        checked = list(pool.map(check, folders))
-    valid = [c for c in checked if isinstance(c, Update)]
-    rejected = [c for c in checked if not isinstance(c, Update)]
-    # Two updates claiming one site cannot both count, and picking one would be arbitrary.
-    claims = Counter(u.site for u in valid)
-    for update in [u for u in valid if claims[u.site] > 1]:
-        valid.remove(update)
-        rejected.append({"site": update.folder.name, "reason": f"site '{update.site}' sent more than one update this round"})
-    return valid, rejected
+    equivocations: list[dict] = field(default_factory=list)
 
 
 def site_weights(counts: list[int], weighted: bool, cap: float | None) -> np.ndarray:
-    """Normalized weights: num_examples (or equal), then no site above `cap` — the excess goes to the
-    others in proportion, so a self-reported num_examples cannot dominate."""
-    weights = np.asarray(counts, dtype=np.float64) if weighted else np.ones(len(counts))
+    """Normalized weights: the counts (or equal), then no site above `cap` — the excess goes to the others in
+    proportion, so a self-reported count cannot take the round. A cap below 1/K is raised to 1/K."""
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = counts if weighted and counts.sum() > 0 else np.ones(len(counts))
     weights = weights / weights.sum()
-    if cap is None or weights.max() <= cap:
+    if cap is None:
         return weights
-    if cap * len(weights) < 1 - 1e-12:
-        raise BadInput(f"aggregation.max_weight {cap} is below 1/{len(weights)}: {len(weights)} sites cannot share "
-                       f"the weight; raise it to at least {1 / len(weights):.4f}")
+    cap = max(cap, 1.0 / len(weights))
     capped = np.zeros(len(weights), dtype=bool)
     while True:
         over = (weights > cap + 1e-15) & ~capped
@@ -101,6 +78,19 @@ def clip_factors(norms: list[float], clip_norm: float | None) -> np.ndarray:
     return np.minimum(1.0, clip_norm / np.maximum(norms, 1e-30))
 
 
+def outlier_factors(norms: list[float], bound: float | None) -> np.ndarray:
+    """Per-site scale that clips an update to `bound` × the median norm of the round's other updates."""
+    norms = np.asarray(norms, dtype=np.float64)
+    scale = np.ones(len(norms))
+    if bound is None or len(norms) < 2:
+        return scale
+    for site, norm in enumerate(norms):
+        limit = bound * float(np.median(np.delete(norms, site)))
+        if norm > limit > 0:
+            scale[site] = limit / norm
+    return scale
+
+
 def aggregate_round(
     config: FederationConfig,
     registry_dir: Path,
@@ -108,6 +98,8 @@ def aggregate_round(
     *,
     strict: bool = False,
     warn: Callable[[str], None] = lambda _msg: None,
+    key: Path | None = None,
+    force_new_round: bool = False,
     **overrides,
 ) -> RoundResult:
     """Merge the valid updates in `round_dir` into the next global version of `registry_dir`.
@@ -118,6 +110,8 @@ def aggregate_round(
         round_dir: updates/round-NNNN holding one folder per site.
         strict: fail the round on any invalid update instead of leaving it out.
         warn: receives one line per rejected update.
+        key: the coordinator's private key (default: coordinator.key beside the registry).
+        force_new_round: aggregate `round_dir` as the next round even when its name is an earlier round's.
         overrides: aggregation settings that replace the federation's (method, trim, quorum, …);
             None values are ignored.
     """
@@ -126,29 +120,44 @@ def aggregate_round(
     if unknown:
         raise TypeError(f"aggregate_round: unknown settings {unknown}")
     settings = parse_model(AggregationSettings, {**config.aggregation.model_dump(), **given}, "aggregate")
-    registry = Registry(registry_dir)
-    parent_dir = registry.latest()
-    parent = read_version_manifest(parent_dir)
-    if parent["base_model"]["sha256"] != config.base_model.sha256:
-        raise BadInput(f"{parent_dir}: built on another base model than {config.base_model.id}")
+    registry = Registry(registry_dir, coordinator_signer(config, Path(registry_dir), key))
     if not round_dir.is_dir():
         raise BadInput(f"{round_dir}: updates folder not found")
-    match = ROUND_RE.match(round_dir.name)
+    with registry.lock("aggregate"):
+        parent_dir = registry.latest()
+        parent = read_version_manifest(parent_dir, config.coordinator_key)
+        if parent["base_model"]["sha256"] != config.base_model.sha256:
+            raise BadInput(f"{parent_dir}: built on another base model than {config.base_model.id}")
+        number = parent["round"] + 1
+        match = ROUND_RE.match(round_dir.name)
+        if match and int(match.group(1)) < number and not force_new_round:
+            done = version_name(int(match.group(1)))
+            raise BadInput(f"{round_dir}: round {int(match.group(1))} is already committed as {done} (LATEST is "
+                           f"{parent['version']}); the next round is updates/round-{number:04d} "
+                           "(--force-new-round merges this folder as that round)")
+        if (not match or int(match.group(1)) != number) and not force_new_round:
+            raise BadInput(f"{round_dir}: the registry's next round is {number}; give updates/round-{number:04d}")
+        work = registry.root / f".round-{number:04d}.{os.getpid()}.work"
+        work.mkdir(mode=0o700)
+        try:
+            return _aggregate(config, registry, parent_dir, parent, round_dir, settings, work, strict, warn)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round_dir: Path, settings, work: Path,
+               strict: bool, warn) -> RoundResult:
     number = parent["round"] + 1
-    if not match or int(match.group(1)) != number:
-        raise BadInput(f"{round_dir}: the registry's next round is {number}; give updates/round-{number:04d}")
-    target = registry.path_of(version_name(number))
-    if target.exists():
-        raise BadInput(f"{target}: already exists but LATEST is {parent['version']}; remove it to redo the round")
     rule = make_method(settings.method, settings, seed=config.seed * 100_003 + number)
     optimizer = ServerOptimizer.from_settings(settings)
-    if isinstance(rule, LoraMethod) and not optimizer.plain:
+    if rule.refactors and not optimizer.plain:
         raise BadInput(f"--server-opt/--server-lr: {rule.name} re-factors the adapter every round, so its factors "
                        "share no basis across rounds for a server optimizer; use fedavg, ffa or a robust rule with it")
-
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
-    max_bytes = 2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20)
-    valid, rejected = _collect(round_dir, config, parent, layout, max_bytes, b_only=isinstance(rule, FFA))
+    nonces, hashes = registry.accepted()
+    checks = RoundChecks(config, parent, layout, max_bytes=2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20),
+                         trains=rule.trains, work=work, accepted_nonces=nonces, accepted_hashes=hashes)
+    valid, rejected, equivocations = collect_round(round_dir, checks)
     if strict and rejected:
         # One error line (DESIGN §8): it names the first rejected update and counts the others.
         first = rejected[0]
@@ -163,41 +172,87 @@ def aggregate_round(
         )
     rule.check(len(valid))
 
-    weights = site_weights([u.num_examples for u in valid], rule.weighted, settings.max_weight)
-    scale = clip_factors([u.norm for u in valid], settings.clip_norm)
+    counts = [u.num_tokens if settings.weighting == "tokens" else u.num_examples for u in valid]
+    weights = site_weights(counts, rule.weighted and settings.weighting != "uniform", settings.max_weight)
+    scale = clip_factors([u.norm for u in valid], settings.clip_norm) * outlier_factors([u.norm for u in valid],
+                                                                                        settings.norm_bound)
+    for update, factor in zip(valid, scale):
+        if factor < 1:
+            warn(f"warning: {round_dir / update.folder.name}: norm {update.norm:.4g} clipped by {factor:.3g}")
     record: dict = {}
     merged, state, errors, out_rank = merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale,
                                                     record=record)
+    check_merged(merged, parent_dir, config)
     # The rules that pick or re-weight whole updates (krum, geomedian, centered-clip) say what they chose.
     coefficients = record.get("coefficients")
-
     contributors = [
-        {"site": u.site, "update_sha256": u.sha256, "weight": round(float(w), 8), "num_examples": u.num_examples,
-         "rank": u.rank, "norm": round(u.norm, 6), **({"clip_scale": round(float(c), 6)} if c < 1 else {}),
+        {"site": u.site, "update_sha256": u.sha256, "nonce": u.nonce, "weight": round(float(w), 8),
+         "num_examples": u.num_examples, "num_tokens": u.num_tokens, "rank": u.rank, "norm": round(u.norm, 6),
+         **({"clip_scale": round(float(c), 6)} if c < 1 else {}),
          **({"coefficient": round(float(coefficients[i]), 8)} if coefficients is not None else {})}
         for i, (u, w, c) in enumerate(zip(valid, weights, scale))
     ]
-    params = {**rule.params(), "clip_norm": settings.clip_norm, "max_weight": settings.max_weight, **optimizer.params()}
+    params = {**rule.params(), "weighting": settings.weighting, "clip_norm": settings.clip_norm,
+              "max_weight": settings.max_weight, "norm_bound": settings.norm_bound, **optimizer.params()}
     error_summary = _summarize(errors)
-    with atomic_folder(target) as tmp:
-        save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-        sha = sha256_file(tmp / ADAPTER_FILE)
+    built = registry.root / f".{version_name(number)}.{os.getpid()}.tmp"
+    built.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(built / ADAPTER_FILE), metadata={"format": "pt"})
+        sha = sha256_file(built / ADAPTER_FILE)
         adapter_config = read_json(parent_dir / CONFIG_FILE)
         adapter_config.update(r=out_rank, lora_alpha=config.lora.alpha * out_rank / config.lora.r)
-        write_json_atomic(tmp / CONFIG_FILE, adapter_config)
+        (built / CONFIG_FILE).write_bytes(pretty_json(adapter_config))
         extra = {}
         if state:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
-            extra["server_state_sha256"] = sha256_file(tmp / STATE_FILE)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(built / STATE_FILE))
+            extra["server_state_sha256"] = sha256_file(built / STATE_FILE)
         manifest = global_manifest(
-            config, number, sha, parent=parent["version"], method=rule.name, params=params,
-            quorum=settings.quorum, rank=out_rank, contributors=contributors, rejected=rejected,
-            reconstruction_error=error_summary, **extra,
+            config, number, sha, parent=parent["version"], parent_sha256=parent["adapter_sha256"], method=rule.name,
+            params=params, quorum=settings.quorum, rank=out_rank, contributors=contributors, rejected=rejected,
+            equivocations=equivocations, reconstruction_error=error_summary, **extra,
         )
-        write_json_atomic(tmp / "manifest.json", manifest)
-    registry.commit(target.name, sha, target / "manifest.json")
-    return RoundResult(version=target.name, folder=target, contributors=contributors, rejected=rejected,
-                       reconstruction_error=error_summary)
+        write_version_manifest(built, manifest, registry.key)
+        _sync_folder(built)
+    except OSError as err:
+        shutil.rmtree(built, ignore_errors=True)
+        raise BadInput(f"{registry.root}: could not write {version_name(number)} ({err.strerror}); "
+                       "the registry is unchanged") from None
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    folder = registry.publish(built, version_name(number))
+    try:
+        registry.commit(folder, {"equivocations": len(equivocations)} if equivocations else None)
+    except OSError as err:
+        raise BadInput(f"{registry.log_path}: could not be written ({err.strerror}); {folder.name} is published but "
+                       "not committed — the next fedtune command on this registry finishes or drops it") from None
+    return RoundResult(version=folder.name, folder=folder, contributors=contributors, rejected=rejected,
+                       reconstruction_error=error_summary, equivocations=equivocations)
+
+
+def _sync_folder(folder: Path) -> None:
+    for child in folder.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def check_merged(merged: dict[str, torch.Tensor], parent_dir: Path, config: FederationConfig) -> None:
+    """The new version must be finite and within reach of its parent before it is published."""
+    square = 0.0
+    for key, tensor in merged.items():
+        part = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+        if not math.isfinite(part) or not bool(torch.isfinite(tensor).all()):
+            raise BadInput(f"aggregate: the merged tensor {key} is not finite; nothing written (use a robust method, "
+                           "or lower aggregation.norm_bound)")
+        square += part * part
+    with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as handle:
+        parent_norm = math.sqrt(sum(float(torch.linalg.vector_norm(handle.get_tensor(k), dtype=torch.float64)) ** 2
+                                    for k in handle.keys()))
+    limit = parent_norm + 10 * config.security.max_update_norm
+    if math.sqrt(square) > limit:
+        raise BadInput(f"aggregate: the merged version's norm {math.sqrt(square):.4g} is beyond {limit:.4g} (its "
+                       "parent's plus 10 × security.max_update_norm); nothing written")
 
 
 def merge_updates(
@@ -219,16 +274,17 @@ def merge_updates(
     optimizer = ServerOptimizer.from_settings(settings)
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
     rank = config.lora.r
-    reader = RoundReader([u.folder / ADAPTER_FILE for u in valid], [u.keys for u in valid], scale, rank)
+    reader = RoundReader([u.tensors for u in valid], [u.keys for u in valid], scale, rank)
     with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as base:
-        if isinstance(rule, LoraMethod):
+        if rule.refactors:
+            assert isinstance(rule, LoraMethod)
             out_rank = rule.output_rank(rank, [u.rank for u in valid])
             merged, errors = _merge_products(rule, reader, base, layout, valid, weights, config, out_rank)
             return merged, {}, errors, out_rank
         state = _server_state(parent_dir, parent, optimizer)
         merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank, record)
         errors = None
-        if isinstance(rule, FedAvg) and optimizer.plain:
+        if rule.sum_only and optimizer.plain:
             cost = _averaging_error_cost(layout, valid, rank)
             if settings.report_error or (settings.report_error is None and cost <= ERROR_BUDGET_FLOPS):
                 errors = _averaging_error(reader, base, layout, valid, weights, merged, config)

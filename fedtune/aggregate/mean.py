@@ -16,8 +16,7 @@ class FedAvg(LinearMethod):
     manifest records by how much."""
 
     name: ClassVar[str] = "fedavg"
-    # Only the factor-averaging rules need the engine to measure ‖ΔW* − B′A′‖ separately.
-    averages_factors: ClassVar[bool] = True
+    sum_only: ClassVar[bool] = True
 
     def coefficients(self, weights: np.ndarray, gram: np.ndarray | None) -> np.ndarray:
         return weights
@@ -29,3 +28,4 @@ class FFA(FedAvg):
     exact mean of the products (ΔW is linear in B) — and half the traffic."""
 
     name: ClassVar[str] = "ffa"
+    trains: ClassVar[str] = "B"

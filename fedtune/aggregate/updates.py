@@ -8,59 +8,13 @@ only (FFA) contributes a zero delta to A.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-LORA_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<factor>[AB])\.weight$")
-
-
-@dataclass(frozen=True)
-class LoraLayer:
-    """The two factor keys of one adapted layer."""
-
-    name: str
-    a_key: str
-    b_key: str
-
-
-def lora_layers(keys) -> list[LoraLayer]:
-    """Pair lora_A / lora_B keys by layer; keys outside that pattern are not LoRA factors."""
-    found: dict[str, dict[str, str]] = {}
-    for key in keys:
-        match = LORA_KEY.match(key)
-        if match:
-            found.setdefault(match["layer"], {})[match["factor"]] = key
-    return [LoraLayer(name, parts["A"], parts["B"]) for name, parts in found.items() if set(parts) == {"A", "B"}]
-
-
-def factor_of(key: str) -> str | None:
-    match = LORA_KEY.match(key)
-    return match["factor"] if match else None
-
-
-def rank_slice(tensor: torch.Tensor, key: str, rank: int) -> torch.Tensor:
-    """The first `rank` components of a factor: rows of A, columns of B."""
-    factor = factor_of(key)
-    if factor == "A" and tensor.shape[0] != rank:
-        return tensor[:rank]
-    if factor == "B" and tensor.shape[1] != rank:
-        return tensor[:, :rank]
-    return tensor
-
-
-def pad_rank(tensor: torch.Tensor, key: str, rank: int) -> torch.Tensor:
-    """Zero-pad a factor of smaller rank to `rank` components."""
-    factor = factor_of(key)
-    if factor == "A" and tensor.shape[0] < rank:
-        return torch.cat([tensor, tensor.new_zeros(rank - tensor.shape[0], tensor.shape[1])], dim=0)
-    if factor == "B" and tensor.shape[1] < rank:
-        return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], rank - tensor.shape[1])], dim=1)
-    return tensor
+from fedtune.wire.tensors import pad_rank
 
 
 class RoundReader:

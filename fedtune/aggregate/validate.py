@@ -1,22 +1,26 @@
-"""Checks an update must pass before it is used (DESIGN §3): manifest, hash, lineage, base model,
-LoRA shape, finite values, size. A failed check rejects the update with a reason; it never crashes."""
+"""What the coordinator checks before an update is used. A failed check rejects that update with a reason
+naming the file; it never crashes the round.
+
+Envelope checks read the manifest and signature only — who sent it, for which round, from which version,
+in which shape — and so also work on masked updates (secure aggregation). Content checks read the tensors
+(finite values, norms) and need plaintext. The tensors are read once, into a private copy hashed while it
+is made; that copy is what is checked and merged.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
-from fedtune.adapter import ADAPTER_FILE, UPDATE_FORMAT, tensor_layout
-from fedtune.aggregate.updates import factor_of
-from fedtune.artifacts import read_json, sha256_file
 from fedtune.config import FederationConfig
-from fedtune.errors import BadInput
-
-REQUIRED = ("site", "round", "parent", "base_model", "lora", "num_examples", "sha256")
+from fedtune.wire.codec import WireError, canonical_json, printable
+from fedtune.wire.manifests import Equivocation
+from fedtune.wire.tensors import ADAPTER_FILE, Layout, expected_layout
+from fedtune.wire.update import Envelope, copy_tensors, read_envelope
 
 
 class Rejected(Exception):
@@ -29,112 +33,218 @@ class Update:
     folder: Path
     manifest: dict
     sha256: str
+    nonce: str
     num_examples: int
+    num_tokens: int
     rank: int
     trained: str  # "AB", or "B" when A stayed frozen (ffa)
     keys: set[str]
-    norm: float  # L2 norm of the whole delta
+    tensors: Path  # the private copy that is checked and merged
+    norm: float = 0.0  # L2 norm of the whole delta
 
 
-def expected_layout(layout: dict, rank: int, trained: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The tensors a site training `rank` components of `trained` factors sends, from the parent's layout."""
-    expected = {}
-    for key, (shape, dtype) in layout.items():
-        factor = factor_of(key)
-        if factor == "A":
-            if trained == "B":
-                continue
-            shape = (rank, *shape[1:])
-        elif factor == "B":
-            shape = (shape[0], rank, *shape[2:])
-        expected[key] = (shape, dtype)
-    return expected
+@dataclass
+class RoundChecks:
+    """What every update of one round is checked against."""
+
+    config: FederationConfig
+    parent: dict  # the current version's manifest
+    layout: Layout  # the current version's tensors
+    max_bytes: int
+    trains: str  # what the method lets sites train: "AB" or "B"
+    work: Path  # private folder for the tensor copies
+    accepted_nonces: set[str] = field(default_factory=set)
+    accepted_hashes: set[str] = field(default_factory=set)
+
+    @property
+    def number(self) -> int:
+        return self.parent["round"] + 1
 
 
-def check_update(
-    folder: Path,
-    config: FederationConfig,
-    parent: dict,
-    layout: dict[str, tuple[tuple[int, ...], str]],
-    max_bytes: int,
-) -> Update:
-    """Return the update in `folder` or raise Rejected with the reason."""
-    try:
-        manifest = read_json(folder / "manifest.json")
-    except BadInput as err:
-        raise Rejected(str(err)) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != UPDATE_FORMAT:
-        raise Rejected(f"manifest.json: format is not {UPDATE_FORMAT}")
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise Rejected(f"manifest.json: missing {', '.join(missing)}")
-    # Fields read below as mappings or numbers: a malformed value must reject the update, not crash the round.
-    for key in ("parent", "base_model", "lora"):
-        if not isinstance(manifest[key], dict):
-            raise Rejected(f"manifest.json: {key} must be a mapping")
-    train = manifest.get("train", {})
-    if not isinstance(train, dict):
-        raise Rejected("manifest.json: train must be a mapping")
-    site = manifest["site"]
-    if site != folder.name:
-        raise Rejected(f"manifest names site '{site}' but the folder is '{folder.name}'")
+def collect_round(round_dir: Path, checks: RoundChecks) -> tuple[list[Update], list[dict], list[dict]]:
+    """(valid updates, rejected [{site, reason}], equivocations) of the round folder."""
+    rejected: list[dict] = []
+    envelopes: list[Envelope] = []
+    for entry in sorted(round_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        label = _label(entry)
+        if entry.is_file() and not entry.is_symlink():
+            continue  # notes beside the updates are not updates
+        if entry.is_symlink() or not entry.is_dir():
+            rejected.append({"site": label, "reason": "not a folder (a link, FIFO or device); each update is a folder"})
+            continue
+        try:
+            envelope = read_envelope(entry)
+            check_signature(envelope, checks.config)
+            envelopes.append(envelope)
+        except (WireError, Rejected) as why:
+            rejected.append({"site": label, "reason": str(why)})
+    envelopes, equivocations = _equivocations(envelopes, checks.config, rejected)
+    candidates = []
+    for envelope in envelopes:
+        try:
+            check_lineage(envelope, checks)
+            candidates.append(envelope)
+        except Rejected as why:
+            rejected.append({"site": _label(envelope.folder), "reason": str(why)})
+
+    def content(item: tuple[int, Envelope]) -> Update | dict:
+        index, envelope = item
+        try:
+            return check_tensors(envelope, checks, checks.work / f"{index}.safetensors")
+        except (Rejected, WireError) as why:
+            return {"site": _label(envelope.folder), "reason": str(why)}
+
+    # Hashing and the finiteness pass release the GIL, so the updates are read on every core.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(candidates), os.cpu_count() or 1))) as pool:
+        checked = list(pool.map(content, enumerate(candidates)))
+    valid = [c for c in checked if isinstance(c, Update)]
+    rejected += [c for c in checked if not isinstance(c, Update)]
+    valid = _copies(valid, rejected)
+    return valid, rejected, equivocations
+
+
+def _label(folder: Path) -> str:
+    """How a folder is named in a reason, a warning and the version manifest: its name arrived with the update,
+    so control characters are escaped and the length bounded."""
+    return printable(folder.name, 64)
+
+
+def _names(folders: list[str], shown: int = 3) -> str:
+    """A bounded list of folder names for a reason (a round may hold any number of them)."""
+    more = len(folders) - shown
+    return ", ".join(folders[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def check_signature(envelope: Envelope, config: FederationConfig) -> None:
+    """The manifest is signed by the key the roster holds for the site it names (when signatures are on)."""
+    site = envelope.manifest.site
     if site not in config.site_names():
-        raise Rejected(f"site '{site}' is not on the roster")
-    if manifest["round"] != parent["round"] + 1:
-        raise Rejected(f"update is for round {manifest['round']}, this round is {parent['round'] + 1}")
-    if manifest["parent"] != {"version": parent["version"], "sha256": parent["adapter_sha256"]}:
-        if manifest["parent"].get("version") == parent["version"]:
-            raise Rejected(f"trained from a different {parent['version']} (its sha256 is not the registry's)")
-        raise Rejected(f"trained from {manifest['parent'].get('version')}, not from the current version {parent['version']}")
-    if manifest["base_model"].get("sha256") != config.base_model.sha256:
-        raise Rejected("trained on another base model (fingerprint differs)")
-    lora = manifest["lora"]
+        raise Rejected(f"manifest.json: site '{site}' is not on the roster")
+    key = config.site_key(site)
+    if not config.signatures_required() and key is None:
+        return
+    if key is None:
+        raise Rejected(f"site '{site}' has no key on the roster, and this federation requires signed updates; "
+                       "add it with `fedtune roster add`")
+    if envelope.signature is None:
+        raise Rejected("manifest.sig: missing; updates must be signed (train-local --key SITE.key)")
+    if not envelope.signed_by(key):
+        raise Rejected(f"manifest.sig: not a signature of this manifest by site '{site}''s key (signed by another "
+                       "key, or the manifest or its tensors' sha256 changed after signing)")
+
+
+def _equivocations(envelopes: list[Envelope], config: FederationConfig, rejected: list[dict]):
+    """Two different updates signed by one site in one round: all of them are rejected (and recorded).
+
+    Only a signed claim is attributable; an unsigned manifest naming a site is caught by the folder check."""
+    by_site: dict[str, list[Envelope]] = defaultdict(list)
+    kept, events = [], []
+    for envelope in envelopes:
+        if config.site_key(envelope.manifest.site) is None:
+            kept.append(envelope)
+        else:
+            by_site[envelope.manifest.site].append(envelope)
+    for site, claims in by_site.items():
+        if len(claims) == 1:
+            kept.append(claims[0])
+            continue
+        for envelope in claims:
+            others = ", ".join(e.folder.name for e in claims if e is not envelope)
+            rejected.append({"site": envelope.folder.name, "reason": f"equivocation: site '{site}' signed two "
+                             f"different updates this round (also in {others}); both are rejected"})
+        events.append(Equivocation(site=site, updates=[e.manifest.sha256 for e in claims],
+                                   folders=[e.folder.name for e in claims]).model_dump())
+    return kept, events
+
+
+def check_lineage(envelope: Envelope, checks: RoundChecks) -> None:
+    """Folder, round, parent, base model, LoRA shape, replay — from the manifest alone."""
+    manifest, config, parent = envelope.manifest, checks.config, checks.parent
+    site = manifest.site
+    if envelope.folder.name != site:
+        raise Rejected(f"manifest.json names site '{site}' but the folder is '{printable(envelope.folder.name, 64)}'")
+    if manifest.round != checks.number:
+        raise Rejected(f"manifest.json: update is for round {manifest.round}, this round is {checks.number}")
+    if manifest.nonce in checks.accepted_nonces:
+        raise Rejected("replayed: its nonce belongs to an update already merged in an earlier round")
+    if manifest.sha256 in checks.accepted_hashes:
+        raise Rejected("replayed: these tensor bytes were already merged in an earlier round")
+    if (manifest.parent.version, manifest.parent.sha256) != (parent["version"], parent["adapter_sha256"]):
+        if manifest.parent.version == parent["version"]:
+            raise Rejected(f"manifest.json: trained from a different {parent['version']} (its sha256 is not the registry's)")
+        raise Rejected(f"manifest.json: trained from {manifest.parent.version}, not from the current version "
+                       f"{parent['version']}")
+    if manifest.base_model.sha256 != config.base_model.sha256:
+        raise Rejected("manifest.json: trained on another base model (fingerprint differs)")
     rank = config.site_rank(site)
-    if (lora.get("r"), lora.get("alpha"), lora.get("target_modules")) != (
-        rank, config.lora.alpha, config.lora.target_modules
-    ):
-        raise Rejected(f"LoRA settings {lora} differ from the federation's (r {rank} for this site, "
-                       f"alpha {config.lora.alpha}, target_modules {config.lora.target_modules})")
-    trained = manifest.get("trained", "AB")
-    if trained not in ("AB", "B"):
-        raise Rejected("manifest.json: trained must be 'AB' or 'B'")
-    num = manifest["num_examples"]
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise Rejected("num_examples must be a positive integer")
-    tensors = folder / ADAPTER_FILE
-    if not tensors.is_file():
-        raise Rejected(f"{ADAPTER_FILE} missing")
-    if tensors.stat().st_size > max_bytes:
-        raise Rejected(f"{ADAPTER_FILE} is {tensors.stat().st_size} bytes, over the limit of {max_bytes}")
-    if sha256_file(tensors) != manifest["sha256"]:
-        raise Rejected(f"{ADAPTER_FILE} does not match the sha256 in its manifest (damaged or altered)")
-    try:
-        got = tensor_layout(tensors)
-    except BadInput as err:
-        raise Rejected(str(err)) from None
-    expected = expected_layout(layout, rank, trained)
+    lora = manifest.lora
+    if (lora.r, lora.alpha, lora.target_modules) != (rank, config.lora.alpha, config.lora.target_modules):
+        raise Rejected(f"manifest.json: LoRA settings (r {lora.r}, alpha {lora.alpha}) differ from the federation's "
+                       f"(r {rank} for this site, alpha {config.lora.alpha}, target_modules {config.lora.target_modules})")
+    if manifest.trained != checks.trains:
+        if checks.trains == "B":
+            raise Rejected("trained A as well, but ffa needs A frozen: set aggregation.method: ffa in federation.yaml "
+                           "before the sites train")
+        raise Rejected(f"manifest.json: trained {manifest.trained} only; this federation's method trains both factors")
+
+
+def check_tensors(envelope: Envelope, checks: RoundChecks, copy: Path) -> Update:
+    """Copy, hash and parse the tensors; keys, shapes and dtypes against the parent; finite values and norm."""
+    manifest = envelope.manifest
+    sha, got = copy_tensors(envelope.folder / ADAPTER_FILE, copy, checks.max_bytes)
+    if sha != manifest.sha256:
+        raise Rejected(f"{ADAPTER_FILE}: does not match the sha256 in its manifest (altered or damaged)")
+    rank = checks.config.site_rank(manifest.site)
+    expected = expected_layout(checks.layout, rank, manifest.trained)
     if got.keys() != expected.keys():
         extra, lost = sorted(got.keys() - expected.keys()), sorted(expected.keys() - got.keys())
-        raise Rejected(f"tensor keys differ from the global adapter (unexpected: {extra[:2]}, missing: {lost[:2]})")
+        raise Rejected(f"{ADAPTER_FILE}: tensor keys differ from the global adapter (unexpected: "
+                       f"{[printable(k, 80) for k in extra[:2]]}, missing: {lost[:2]})")
     for key, (shape, dtype) in expected.items():
         if got[key] != (shape, dtype):
-            raise Rejected(f"tensor {key} is {got[key][1]}{list(got[key][0])}, expected {dtype}{list(shape)}")
+            raise Rejected(f"{ADAPTER_FILE}: tensor {key} is {got[key][1]}{list(got[key][0])}, expected {dtype}{list(shape)}")
+    norm = delta_norm(copy, expected)
+    limit = checks.config.security.max_update_norm
+    if norm > limit:
+        raise Rejected(f"{ADAPTER_FILE}: the update's norm {norm:.4g} is beyond security.max_update_norm {limit:g}")
+    return Update(site=manifest.site, folder=envelope.folder, manifest=envelope.signed, sha256=sha,
+                  nonce=manifest.nonce, num_examples=manifest.num_examples, num_tokens=manifest.num_tokens, rank=rank,
+                  trained=manifest.trained, keys=set(expected), tensors=copy, norm=norm)
+
+
+def delta_norm(path: Path, keys) -> float:
+    """L2 norm of the whole delta; Rejected when a value is NaN or infinite."""
+    import torch
+    from safetensors import safe_open
+
     square_sum = 0.0
-    with safe_open(str(tensors), framework="pt") as handle:
-        for key in expected:
-            tensor = handle.get_tensor(key)
-            # One reduction gives the norm and the finiteness check: a NaN or Inf anywhere makes it non-finite.
-            part = float(torch.linalg.vector_norm(tensor))
-            if not math.isfinite(part):
-                if not torch.isfinite(tensor).all():
-                    raise Rejected(f"tensor {key} holds NaN or Inf")
-                part = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))  # finite but huge
-            square_sum += part * part
     try:
-        loss_last = float(train.get("loss_last", 0.0) or 0.0)
-    except (TypeError, ValueError):
-        raise Rejected("manifest.json: train.loss_last is not a number") from None
-    if not math.isfinite(loss_last):
-        raise Rejected("training loss is not finite")
-    return Update(site=site, folder=folder, manifest=manifest, sha256=manifest["sha256"], num_examples=num,
-                  rank=rank, trained=trained, keys=set(expected), norm=math.sqrt(square_sum))
+        with safe_open(str(path), framework="pt") as handle:
+            for key in keys:
+                tensor = handle.get_tensor(key)
+                part = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+                if not math.isfinite(part):
+                    raise Rejected(f"{ADAPTER_FILE}: tensor {key} holds NaN or Inf")
+                square_sum += part * part
+    except Rejected:
+        raise
+    except Exception as err:  # safetensors' SafetensorError derives from Exception only
+        raise Rejected(f"{ADAPTER_FILE}: not a readable safetensors file ({printable(err, 120)})") from None
+    return math.sqrt(square_sum)
+
+
+def _copies(valid: list[Update], rejected: list[dict]) -> list[Update]:
+    """The same tensor bytes or nonce twice in one round: a copy of another update; none of them counts."""
+    kept = []
+    for update in valid:
+        twins = [u.folder.name for u in valid if u is not update and (u.sha256 == update.sha256 or u.nonce == update.nonce)]
+        if twins:
+            rejected.append({"site": update.folder.name,
+                             "reason": f"replayed: the same update as {_names(twins)}'s this round"})
+        else:
+            kept.append(update)
+    return kept
+
+

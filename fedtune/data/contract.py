@@ -12,11 +12,6 @@ from fedtune.config import PII_ENTITY_TYPES, PII_ID_COUNTRIES, FederationConfig,
 from fedtune.errors import BadInput
 
 
-def chat_template_sha(tokenizer) -> str:
-    template = tokenizer.chat_template
-    return hashlib.sha256(template.encode()).hexdigest() if template else "none"
-
-
 def _term_sha(term: str) -> str:
     return hashlib.sha256(term.strip().casefold().encode()).hexdigest()
 

@@ -24,14 +24,12 @@ import pyarrow.parquet as pq
 from fedtune import models
 from fedtune.artifacts import (
     atomic_folder,
-    read_json,
     sha256_file,
     stamp,
     write_json_atomic,
 )
 from fedtune.config import ColumnMap, FederationConfig
 from fedtune.data.contract import (
-    chat_template_sha,
     check_tokenizer,
     contract_record,
     pii_not_scanned,
@@ -39,11 +37,11 @@ from fedtune.data.contract import (
     site_pii_settings,
 )
 from fedtune.data.dedup import near_duplicates
+from fedtune.data.prepared import CARD_FORMAT
 from fedtune.data.sources import check_input, input_sha256, read_records
 from fedtune.data.tokenize import IGNORE, Packer
 from fedtune.errors import BadInput
 
-CARD_FORMAT = "fedtune.data_card/2"
 # Below this many records per process, starting worker processes costs more than it saves.
 MIN_RECORDS_PER_PROCESS = 4096
 BATCH = 1000
@@ -189,7 +187,8 @@ def prepare_site(
         columns: which of the inputs' columns hold each record part; replaces the federation's data.columns.
         overwrite: replace an `out` folder that already holds files (else it is refused before any work).
     """
-    # Presidio, datatrove and the language model load here, not when train-local imports read_prepared.
+    # Presidio, datatrove and the language model load here, not at import: train-local imports fedtune.data.prepared,
+    # and the package imports this module.
     from fedtune.data.pii import PiiPolicy
     from fedtune.data.stages import Plan, analyze_batch, prepare_tools, tokenize_batch
 
@@ -207,7 +206,7 @@ def prepare_site(
     pii_settings = site_pii_settings(config.data.pii, pii_countries, pii_entities, pii_patterns)
     weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "prepare")
     tokenizer = models.load_tokenizer(weights)
-    fingerprint, template_sha = models.tokenizer_fingerprint(tokenizer), chat_template_sha(tokenizer)
+    fingerprint, template_sha = models.tokenizer_fingerprint(tokenizer), models.chat_template_sha(tokenizer)
     check_tokenizer(config, fingerprint, template_sha, "prepare")
     settings = config.data
     plan = Plan(
@@ -391,31 +390,3 @@ def _select(analyzed, settings, work: Path, log, site: str):
             pii.update(json.loads(pii_of[row]))
     languages = {"kept": dict(kept_langs.most_common()), "dropped": dict(dropped_langs.most_common())}
     return keep, keys, dropped, sources, pii, languages
-
-
-def read_prepared(folder: Path, config: FederationConfig, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Load a prepared split after checking its card matches the federation; returns (card, ids, labels)."""
-    card_path = folder / "data_card.json"
-    card = read_json(card_path)
-    if card.get("format") != CARD_FORMAT:
-        raise BadInput(f"{card_path}: not a data card of this fedtune version; run `fedtune prepare` again")
-    if card.get("seq_len") != config.seq_len:
-        raise BadInput(f"{card_path}: prepared at seq_len {card.get('seq_len')}, the federation uses {config.seq_len}; prepare again")
-    if card.get("base_model", {}).get("sha256") != config.base_model.sha256:
-        raise BadInput(f"{card_path}: prepared for another base model; prepare again with this federation's config")
-    path = folder / f"{split}.parquet"
-    if not path.is_file():
-        raise BadInput(f"{path}: file not found; run `fedtune prepare` again")
-    expected = card.get("files", {}).get(path.name)
-    if expected and sha256_file(path) != expected:
-        raise BadInput(f"{path}: contents do not match data_card.json (changed after prepare); prepare again")
-    table = pq.read_table(path)
-    columns = []
-    for name in ("input_ids", "labels"):
-        if name not in table.column_names:
-            raise BadInput(f"{path}: column '{name}' missing; prepare again")
-        flat = np.asarray(table.column(name).combine_chunks().flatten(), dtype=np.int64)
-        if flat.size != table.num_rows * config.seq_len:
-            raise BadInput(f"{path}: rows are not all {config.seq_len} tokens long; prepare again")
-        columns.append(flat.reshape(table.num_rows, config.seq_len))
-    return card, columns[0], columns[1]

@@ -125,5 +125,8 @@ def test_refusals(federation, prepared, round_one, tmp_path):
     manifest = fedkit.read_manifest(other)
     manifest["base_model"]["sha256"] = "f" * 64
     fedkit.write_manifest(other, manifest)
+    with pytest.raises(BadInput, match="not the coordinator's signature"):
+        evaluate(config, other, [prepared["dev"]])
+    fedkit.sign_version(other, folder / "coordinator.key")  # signed by the coordinator, yet for another model
     with pytest.raises(BadInput, match="built on another base model"):
         evaluate(config, other, [prepared["dev"]])

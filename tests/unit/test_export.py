@@ -206,7 +206,7 @@ def test_refusals_write_nothing(case, world, tiny_model, tmp_path, capsys):
     elif case == "tampered adapter":
         copy = tmp_path / "copy" / "v0001"
         shutil.copytree(world.registry / "v0001", copy)
-        fedkit.forge_update(copy, tensors=fedkit.with_value(copy, 0.5), resign=False)
+        fedkit.forge_update(copy, tensors=fedkit.with_value(copy, 0.5), rehash=False)
         args = ["--version", copy, "--merge"]
         expected = "adapter_model.safetensors: does not match the sha256 in its manifest"
     else:

@@ -11,31 +11,31 @@ import pytest
 
 from fedtune.artifacts import atomic_folder, read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from fedtune.errors import BadInput
-from fedtune.registry import (
-    GENESIS,
-    Registry,
-    read_version_manifest,
-    resolve_global,
-    version_name,
-    version_number,
-)
+from fedtune.federation import global_manifest
+from fedtune.registry import GENESIS, Registry, resolve_global, version_name, version_number
+from fedtune.wire import SigningKey
+from fedtune.wire.version import read_version_manifest, write_version_manifest
 
 
 def add_version(registry: Registry, number: int, payload: bytes = b"weights") -> Path:
-    """A stand-in global version folder, committed the way aggregate commits one."""
+    """A stand-in global version (its adapter bytes are not a real adapter), published and committed the way
+    aggregate does it."""
     name = version_name(number)
-    with atomic_folder(registry.path_of(name)) as tmp:
-        (tmp / "adapter_model.safetensors").write_bytes(payload + bytes([number]))
-        write_json_atomic(tmp / "manifest.json", {"format": "fedtune.global/1", "version": name, "round": number})
-    folder = registry.path_of(name)
-    registry.commit(name, sha256_file(folder / "adapter_model.safetensors"), folder / "manifest.json")
-    return folder
+    built = registry.root / f".{name}.test.tmp"
+    built.mkdir()
+    (built / "adapter_model.safetensors").write_bytes(payload + bytes([number]))
+    manifest = global_manifest(registry.config, number, sha256_file(built / "adapter_model.safetensors"),
+                               parent=version_name(number - 1), method="test", params={})
+    write_version_manifest(built, manifest, registry.key)
+    return registry.commit(registry.publish(built, name)) and registry.path_of(name)
 
 
 @pytest.fixture
 def registry(federation) -> Registry:
-    _config, folder = federation
-    return Registry(folder / "registry")
+    config, folder = federation
+    registry = Registry(folder / "registry", SigningKey.load(folder / "coordinator.key"))
+    registry.config = config
+    return registry
 
 
 # --- versions and LATEST ---------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_tampered_log_line_fails_verification(registry):
 def test_tampered_first_line_fails_verification(registry):
     add_version(registry, 1)
     raw = registry.log_path.read_bytes()
-    registry.log_path.write_bytes(raw.replace(b'"version": "v0000"', b'"version": "v0009"', 1))
+    registry.log_path.write_bytes(raw.replace(b'"version":"v0000"', b'"version":"v0009"', 1))
     with pytest.raises(BadInput, match="line 2"):
         registry.verify_log()
 
@@ -163,7 +163,7 @@ def test_resolve_registry_version_and_other(registry, tmp_path):
 def test_read_version_manifest_checks_format(tmp_path):
     folder = tmp_path / "v0003"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"format": "fedtune.update/1"}))
+    (folder / "manifest.json").write_text(json.dumps({"format": "fedtune.update/2"}))
     with pytest.raises(BadInput, match="format"):
         read_version_manifest(folder)
     (folder / "manifest.json").write_text("{broken")

@@ -186,7 +186,7 @@ def test_data_columns_in_the_federation_file():
     assert parse_model(DataSettings, {}, "f.yaml").columns is None
     with pytest.raises(BadInput) as info:
         parse_model(DataSettings, {"columns": {"promt": "question", "response": "answer"}}, "f.yaml")
-    assert str(info.value) == ("f.yaml: columns: Value error, unknown record part promt "
+    assert str(info.value) == ("f.yaml: columns: unknown record part promt "
                                "(use text, prompt, input, response, messages, system)")
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import fedkit
 from conftest import tree_digest
 from fedtune.errors import BadInput
-from fedtune.adapter import UPDATE_FORMAT
+from fedtune.wire import UPDATE_FORMAT
 from fedtune.train import train_local
 
 ADAPTER = fedkit.ADAPTER
@@ -38,7 +38,7 @@ def test_update_folder_and_manifest(federation, prepared, tmp_path):
     assert [p.name for p in update.parent.iterdir()] == ["clinic"]  # no temporary folder left behind
     manifest = fedkit.read_manifest(update)
     rows, trained_tokens = _train_parquet(prepared["clinic"])
-    assert manifest["format"] == UPDATE_FORMAT == "fedtune.update/1"
+    assert manifest["format"] == UPDATE_FORMAT == "fedtune.update/2"
     assert manifest["site"] == "clinic" and manifest["round"] == 1
     assert manifest["parent"] == {"version": "v0000", "sha256": v0["adapter_sha256"]}
     assert v0["adapter_sha256"] == fedkit.sha256(registry / "v0000" / ADAPTER)

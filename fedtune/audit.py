@@ -1,0 +1,217 @@
+"""The registry's audit trail: its history for `fedtune log`, rollbacks, and roster changes — each change a
+signed, logged commit under the registry's lock. Verification lives in fedtune.verify (re-exported here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from fedtune.artifacts import now, sha256_file, write_text_atomic
+from fedtune.config import FederationConfig, federation_to_yaml, load_federation, parse_model
+from fedtune.errors import BadInput
+from fedtune.registry import (
+    VERSION_RE,
+    Registry,
+    checked_version,
+    coordinator_signer,
+    roster_sha256,
+    version_name,
+    version_number,
+)
+from fedtune.verify import LOG_FILE, log_lines, verify_registry, verify_version
+from fedtune.wire.codec import WireError, parse_json
+from fedtune.wire.keys import read_public_file
+from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE
+from fedtune.wire.update import MANIFEST_FILE
+from fedtune.wire.version import SERVER_STATE_FILE, read_version_manifest, write_version_manifest
+
+__all__ = ["change_roster", "history", "rollback", "verify_registry", "verify_version"]
+
+
+# --- history --------------------------------------------------------------------------------------------
+
+
+def history(registry: Path, site: str | None = None) -> list[dict]:
+    """One row per log entry, in order, for `fedtune log`; with `site`, only the rows that concern that site.
+
+    Version rows: {"event": "version", "line", "version", "round", "created", "method", "params", "contributors"
+    [{site, weight}], "rejected" [{site, reason}], "equivocations" [sites], "rolled_back_to", "reason"} (and
+    "weight": the site's, with `site`). Roster rows: {"event": "roster", "line", "action", "site", "key",
+    "created"}.
+    """
+    root = Path(registry)
+    lines, _torn = log_lines(root)
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            entry = parse_json(raw, f"{root / LOG_FILE} line {number}")
+        except WireError as err:
+            raise BadInput(f"{err} (the log was edited; run `fedtune verify --registry {root}`)") from None
+        if not isinstance(entry, dict):
+            raise BadInput(f"{root / LOG_FILE}: line {number} is not a JSON object (run `fedtune verify`)")
+        row = _history_row(root, number, entry)
+        if site is None or _concerns(row, site):
+            rows.append(row)
+    return rows
+
+
+def _history_row(root: Path, number: int, entry: dict) -> dict:
+    if entry.get("event") == "roster":
+        return {"event": "roster", "line": number, "action": entry.get("action"), "site": entry.get("site"),
+                "key": entry.get("key"), "created": entry.get("created")}
+    name = entry.get("version")
+    manifest = {}
+    if isinstance(name, str) and VERSION_RE.match(name) and (root / name / MANIFEST_FILE).is_file():
+        manifest = read_version_manifest(root / name)
+    return {
+        "event": "version", "line": number, "version": name, "round": entry.get("round"),
+        "created": manifest.get("created", entry.get("created")), "method": manifest.get("method"),
+        "params": manifest.get("params", {}),
+        "contributors": [{"site": c["site"], "weight": c["weight"]} for c in manifest.get("contributors", [])],
+        "rejected": [{"site": r["site"], "reason": r["reason"]} for r in manifest.get("rejected", [])],
+        "equivocations": [e["site"] for e in manifest.get("equivocations", [])],
+        "rolled_back_to": manifest.get("rolled_back_to"), "reason": manifest.get("reason"),
+    }
+
+
+def _concerns(row: dict, site: str) -> bool:
+    if row["event"] == "roster":
+        return row["site"] == site
+    weight = next((c["weight"] for c in row["contributors"] if c["site"] == site), None)
+    if weight is not None:
+        row["weight"] = weight
+    return (weight is not None or any(r["site"] == site for r in row["rejected"])
+            or site in row["equivocations"])
+
+
+# --- rollback -------------------------------------------------------------------------------------------
+
+
+def rollback(config: FederationConfig, registry: Path, to: str, reason: str, key: Path | None = None) -> Path:
+    """Make a new version whose adapter is an earlier version's, byte for byte; nothing is deleted.
+
+    Sites continue from the new version as from any other: it is the next round's parent.
+
+    Args:
+        config: the federation.
+        registry: the registry folder.
+        to: the earlier version to return to, e.g. v0003.
+        reason: why, recorded in the new version's manifest.
+        key: the coordinator's private key (default: coordinator.key beside the registry).
+
+    Returns:
+        The new version's folder.
+    """
+    version_number(to)
+    reason = reason.strip()
+    if not reason:
+        raise BadInput("--reason: say why the federation rolls back (it is recorded in the new version)")
+    if len(reason) > 2000:
+        raise BadInput(f"--reason: {len(reason)} characters; keep it under 2000")
+    from fedtune.federation import global_manifest  # loads the model stack; verify and log do not need it
+
+    store = Registry(registry, coordinator_signer(config, Path(registry), key))
+    with store.lock("rollback"):
+        current = store.latest_name()
+        if to not in {v.get("version") for v in store.versions()}:
+            raise BadInput(f"--to {to}: not a version of {store.root} (`fedtune log --registry {store.root}` lists them)")
+        if to == current:
+            raise BadInput(f"--to {to}: already the current version; nothing to roll back")
+        source, target = checked_version(store.root / to, config)
+        _, parent = checked_version(store.root / current, config)
+        number = parent["round"] + 1
+        built = store.root / f".{version_name(number)}.{os.getpid()}.tmp"
+        built.mkdir()
+        try:
+            for name in (ADAPTER_FILE, CONFIG_FILE) + ((SERVER_STATE_FILE,) if target.get("server_state_sha256") else ()):
+                shutil.copyfile(source / name, built / name)
+            sha = sha256_file(built / ADAPTER_FILE)
+            if sha != target["adapter_sha256"]:
+                raise BadInput(f"{source / ADAPTER_FILE}: changed while it was copied; nothing written")
+            params, extra = {}, {}
+            if target.get("server_state_sha256"):
+                # The server optimizer's moments return with the adapter they belong to.
+                params = {"server_opt": target.get("params", {}).get("server_opt")}
+                extra = {"server_state_sha256": target["server_state_sha256"]}
+            manifest = global_manifest(
+                config, number, sha, parent=current, parent_sha256=parent["adapter_sha256"], method="rollback",
+                params=params, rolled_back_to=to, reason=reason, contributors=[], rejected=[],
+                rank=target.get("rank") or config.lora.r, **extra)
+            write_version_manifest(built, manifest, store.key)
+            for child in built.iterdir():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+        except BaseException:
+            shutil.rmtree(built, ignore_errors=True)
+            raise
+        folder = store.publish(built, version_name(number))
+        store.commit(folder, {"rolled_back_to": to})
+    return folder
+
+
+# --- the roster -----------------------------------------------------------------------------------------
+
+
+def change_roster(
+    config_path: Path,
+    registry: Path,
+    action: Literal["add", "remove"],
+    site: str,
+    public_key: str | Path | None = None,
+    lora_r: int | None = None,
+    key: Path | None = None,
+) -> FederationConfig:
+    """Add a site to the roster or remove one: rewrite federation.yaml and log the change, signed.
+
+    Args:
+        config_path: the federation.yaml to rewrite.
+        registry: the registry whose log records the change.
+        action: "add" or "remove".
+        site: the site's name.
+        public_key: add: the site's public key, a .pub file or the key line itself.
+        lora_r: add: the site's smaller LoRA rank, if it trains one.
+        key: the coordinator's private key (default: coordinator.key beside the registry).
+
+    Returns:
+        The new federation.
+    """
+    config_path = Path(config_path)
+    config = load_federation(config_path)
+    sites = [s.model_dump(mode="json") for s in config.sites]
+    line = None
+    if action == "add":
+        if site in config.site_names():
+            raise BadInput(f"--site {site}: already on the roster of {config_path}")
+        if public_key is None:
+            raise BadInput(f"--key: give site {site}'s public key (the NAME.pub `fedtune keys new` wrote)")
+        line = read_public_file(public_key)
+        holder = next((s.name for s in config.sites if s.key == line), None)
+        if holder is not None:
+            raise BadInput(f"--key {public_key}: already site {holder}'s key; every site signs with its own")
+        sites.append({"name": site, "lora_r": lora_r, "key": line})
+    elif action == "remove":
+        if site not in config.site_names():
+            raise BadInput(f"--site {site}: not on the roster of {config_path} ({', '.join(config.site_names())})")
+        if len(sites) == 1:
+            raise BadInput(f"--site {site}: the last site on the roster; a federation keeps at least one")
+        line = config.site_key(site)
+        sites = [s for s in sites if s["name"] != site]
+    else:
+        raise BadInput(f"roster: unknown action '{action}' (add or remove)")
+    changed = parse_model(FederationConfig, {**config.model_dump(mode="json"), "sites": sites}, str(config_path))
+    store = Registry(registry, coordinator_signer(config, Path(registry), key))
+    with store.lock("roster"):
+        before = config_path.read_bytes()
+        write_text_atomic(config_path, federation_to_yaml(changed))
+        try:
+            store.append({"event": "roster", "action": action, "site": site, "key": line,
+                          **({"lora_r": lora_r} if action == "add" and lora_r else {}),
+                          "roster_sha256": roster_sha256(changed), "created": now()})
+        except BaseException:
+            # The log is the commit point: without its line, federation.yaml goes back to what it was.
+            write_text_atomic(config_path, before.decode("utf-8"))
+            raise
+    return changed

@@ -1,0 +1,184 @@
+"""What a site runs: prepare its data, train its update, evaluate and export a global version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedtune.cli import (
+    SITE_PANEL,
+    ConfigOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    err,
+    out,
+    print_json,
+    print_table,
+    progress_log,
+)
+from fedtune.errors import BadInput
+
+
+@app.command(rich_help_panel=SITE_PANEL)
+def prepare(
+    config: ConfigOpt,
+    site: Annotated[str, typer.Option(help="this site's roster name")],
+    input: Annotated[list[Path], typer.Option("--input", help=(
+        "raw file (.jsonl .csv .parquet .arrow .txt) or folder: a datasets save_to_disk folder (a DatasetDict's "
+        "split folder, e.g. data/train, when it has several) or a folder of .parquet/.arrow shards (repeat)"))],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="prepared folder to write (new or empty)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a --out folder that already holds files")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the data card only; write nothing")] = False,
+    model_dir: ModelOpt = None,
+    deny_list: Annotated[Optional[Path], typer.Option(
+        "--deny-list", help="this site's file of terms to redact (names, project codes), one per line")] = None,
+    ner_model: Annotated[Optional[Path], typer.Option("--ner-model", help=(
+        "person names become <PERSON>: a local token-classification model folder, or an installed spaCy pipeline "
+        "(package name or folder) (off by default)"))] = None,
+    pii_country: Annotated[Optional[list[str]], typer.Option(
+        "--pii-country", help="also scrub this country's national IDs and phone numbers (ISO 3166, repeat)")] = None,
+    pii_entity: Annotated[Optional[list[str]], typer.Option(
+        "--pii-entity", help="also scrub this PII type if the federation leaves it out (repeat)")] = None,
+    pii_pattern: Annotated[Optional[list[str]], typer.Option(
+        "--pii-pattern", help="also scrub NAME=REGEX as <NAME>, e.g. 'CASE=CASE-\\d{6}' (repeat)")] = None,
+    num_proc: Annotated[Optional[int], typer.Option("--num-proc", min=1, help="worker processes (default: cores, up to 8)")] = None,
+    columns: Annotated[Optional[str], typer.Option("--columns", help=(
+        "your columns' names, PART=COLUMN: e.g. prompt=question,response=answer; parts: text, prompt, input, "
+        "response, messages, system (replaces data.columns)"))] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Filter, scrub PII, dedup, tokenize and pack a site's raw files; writes train/eval parquet and a data card."""
+    from fedtune.config import load_federation, parse_columns
+    from fedtune.data import prepare_site
+
+    card = prepare_site(load_federation(config), site, input, out_dir, log=progress_log(), dry_run=dry_run,
+                        num_proc=num_proc, deny_list=deny_list, ner_model=ner_model,
+                        columns=parse_columns(columns) if columns else None, model_dir=model_dir, overwrite=overwrite,
+                        pii_countries=pii_country, pii_entities=pii_entity, pii_patterns=_pii_patterns(pii_pattern))
+    _warn_pii_not_scanned(card)
+    if json_out:
+        print_json(card)
+        return
+    _print_card(card, None if dry_run else out_dir)
+
+
+def _pii_patterns(values: list[str] | None) -> dict[str, str]:
+    patterns = {}
+    for value in values or []:
+        name, sep, regex = value.partition("=")
+        if not sep or not name or not regex:
+            raise BadInput(f"--pii-pattern {value}: give NAME=REGEX, e.g. CASE=CASE-\\d{{6}}")
+        patterns[name] = regex
+    return patterns
+
+
+def _warn_pii_not_scanned(card: dict) -> None:
+    for what, how in card.get("pii_not_scanned", {}).items():
+        err.print(f"warning: PII not scanned: {what}: {how}", markup=False)
+
+
+def _print_card(card: dict, written: Path | None) -> None:
+    counts = card["records"]
+    dropped = ", ".join(f"{k} {v}" for k, v in card["dropped"].items() if v) or "none"
+    pii = ", ".join(f"{k} {v}" for k, v in card["pii_replaced"].items()) or "none"
+    langs = ", ".join(f"{k} {v}" for k, v in card["languages"]["kept"].items()) or "none"
+    head = f"wrote {written}" if written else "dry run (nothing written)"
+    out.print(f"{head}: {counts['kept']}/{counts['read']} records kept (train {counts['train']}, eval {counts['eval']})")
+    out.print(f"  dropped: {dropped}")
+    out.print(f"  PII replaced: {pii}")
+    if card.get("pii_not_scanned"):
+        out.print("  PII not scanned: " + "; ".join(card["pii_not_scanned"]) + " (warnings above say how)")
+    gone = ", ".join(f"{k} {v}" for k, v in card["languages"]["dropped"].items())
+    out.print(f"  languages kept: {langs}" + (f"; dropped: {gone}" if gone else ""))
+    tokens = card["tokens"]
+    out.print(f"  tokens: train {tokens['train']['total']} ({tokens['train']['trained']} trained), "
+              f"eval {tokens['eval']['total']}; sequences of {card['seq_len']}: train {card['sequences']['train']}, "
+              f"eval {card['sequences']['eval']}")
+    lengths = card["token_lengths"]
+    out.print(f"  record length in tokens (mean {lengths['mean']}, max {lengths['max']}): "
+              + ", ".join(f"{k}: {v}" for k, v in lengths["histogram"].items() if v))
+    contract = card["contract"]
+    out.print("  contract: " + ("satisfied" if contract["satisfied"] else "NOT satisfied: " + "; ".join(contract["problems"])))
+    if not contract["satisfied"]:
+        err.print("warning: train-local will refuse this data until the contract holds: " + "; ".join(contract["problems"]))
+
+
+@app.command("train-local", rich_help_panel=SITE_PANEL)
+def train_local_cmd(
+    config: ConfigOpt,
+    site: Annotated[str, typer.Option(help="this site's roster name")],
+    data: Annotated[Path, typer.Option(help="this site's prepared folder")],
+    global_ref: Annotated[Path, typer.Option("--global", help="registry (its LATEST) or a global version folder")],
+    updates: Annotated[Path, typer.Option("--out", help="updates root; writes round-NNNN/<site>/")],
+    steps: Annotated[Optional[int], typer.Option(help="optimizer steps \\[default: training.steps of the federation file]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate \\[default: training.lr]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="sequences per step \\[default: training.batch_size]")] = None,
+    key: Annotated[Optional[Path], typer.Option(
+        "--key", help="this site's private key (SITE.key from `fedtune keys new`); signs the update \\[required once "
+                      "the roster holds keys]")] = None,
+    model_dir: ModelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train this site's LoRA update from a global version (its coordinator signature is checked first)."""
+    from fedtune.config import load_federation
+    from fedtune.train import train_local
+
+    folder = train_local(load_federation(config), site, data, global_ref, updates, steps, lr, batch_size,
+                         log=progress_log(), model_dir=model_dir, key=key)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    signed = (folder / "manifest.sig").is_file()
+    if json_out:
+        print_json({"update": str(folder), "signed": signed, **manifest})
+    else:
+        t = manifest["train"]
+        out.print(f"wrote {folder}: round {manifest['round']}, {t['steps']} steps, loss {t['loss_first']:.4f} → "
+                  f"{t['loss_last']:.4f}, {t['tokens_per_second']} tokens/s" + (", signed" if signed else ", unsigned"))
+
+
+@app.command(rich_help_panel=SITE_PANEL)
+def evaluate(
+    config: ConfigOpt,
+    adapter: Annotated[str, typer.Option(help="'base' or a global version folder")],
+    data: Annotated[list[Path], typer.Option("--data", help="a prepared folder (repeat)")],
+    model_dir: ModelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Token-weighted eval loss and perplexity on each prepared eval split."""
+    from fedtune.config import load_federation
+    from fedtune.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(load_federation(config), adapter, data, model_dir=model_dir, log=progress_log())
+    if json_out:
+        print_json(result)
+        return
+    rows = [[s, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", str(m["tokens"])] for s, m in result["sites"].items()]
+    print_table(["site", "loss", "perplexity", "tokens"], rows, title=f"eval of {result['adapter']}")
+
+
+@app.command(rich_help_panel=SITE_PANEL)
+def export(
+    config: ConfigOpt,
+    version: Annotated[str, typer.Option(help="vNNNN or 'latest' in the registry, or a version folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="new (or empty) folder to write")],
+    merge: Annotated[bool, typer.Option("--merge", help="fold the adapter into the base weights: a plain transformers model")] = False,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16, fp16 or fp32 (default: fp32; with --merge, the base model's own)")] = None,
+    registry: Annotated[Optional[Path], typer.Option(help="the registry (default: registry/ beside the federation.yaml)")] = None,
+    model_dir: ModelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a global version as a standalone adapter folder, or merged into the base model."""
+    from fedtune.config import load_federation
+    from fedtune.export import EXPORT_FILE, export_version
+
+    folder = export_version(load_federation(config), version, out_dir, merge=merge, dtype=dtype,
+                            registry=registry or config.parent / "registry", model_dir=model_dir, log=progress_log())
+    record = json.loads((folder / EXPORT_FILE).read_text())
+    if json_out:
+        print_json({"folder": str(folder), **record})
+    else:
+        what = f"merged into {record['base_model']['id']}" if record["merged"] else "adapter"
+        out.print(f"wrote {folder}: {record['version']} {what} ({record['dtype']})")

@@ -1,0 +1,268 @@
+"""Keys, the roster and the registry's audit trail: `keys new`, `roster add/remove/list`, `log`, `verify`,
+`rollback`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedtune.cli import (
+    COORDINATOR_PANEL,
+    ConfigOpt,
+    CoordinatorKeyOpt,
+    JsonOpt,
+    app,
+    err,
+    out,
+    print_json,
+    print_table,
+    registry_config,
+    warn,
+)
+from fedtune.errors import BadInput
+
+KEYS_PANEL = "Keys (sites and coordinator)"
+RegistryOpt = Annotated[Path, typer.Option("--registry", help="the registry folder")]
+OptionalConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="the federation.yaml \\[default: federation.yaml beside the registry]")]
+
+
+def short_key(line: str | None) -> str:
+    """A public key in a form short enough for a table (the full line is in federation.yaml and --json)."""
+    return f"{line[:16]}…" if line else "none"
+
+
+# --- keys -----------------------------------------------------------------------------------------------
+
+keys_app = typer.Typer(help="Ed25519 key pairs: every site and the coordinator sign what they send.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys", rich_help_panel=KEYS_PANEL)
+
+
+@keys_app.command("new")
+def keys_new(
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write NAME.key and NAME.pub in (created)")],
+    name: Annotated[str, typer.Option("--name", help="the key's name: a site's roster name, or coordinator")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Make a key pair: NAME.key (private, mode 0600: it never leaves this machine) and NAME.pub (one line: the
+    public key the coordinator puts on the roster)."""
+    import re
+
+    from fedtune.wire import SigningKey
+    from fedtune.wire.manifests import SITE_NAME
+
+    if not re.match(SITE_NAME, name):
+        raise BadInput(f"--name {name}: use letters, digits, . _ - (at most 64, starting with a letter or digit)")
+    private, public = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    key = SigningKey.generate()
+    key.write(private, public)
+    if json_out:
+        print_json({"private": str(private), "public": str(public), "key": key.public})
+        return
+    out.print(f"wrote {private} (private key: keep it on this machine) and {public} (public key: send it to the "
+              "coordinator for the roster)")
+    out.print(f"{public.name}: {key.public}")
+
+
+# --- roster ---------------------------------------------------------------------------------------------
+
+roster_app = typer.Typer(help="The federation's roster: its sites, their LoRA ranks and public keys. Every change "
+                              "is signed and logged in the registry.", no_args_is_help=True)
+app.add_typer(roster_app, name="roster", rich_help_panel=COORDINATOR_PANEL)
+
+
+def _roster_registry(config: Path, registry: Path | None) -> Path:
+    return registry if registry is not None else config.parent / "registry"
+
+
+@roster_app.command("add")
+def roster_add(
+    config: ConfigOpt,
+    site: Annotated[str, typer.Option("--site", help="the new site's name")],
+    public_key: Annotated[str, typer.Option("--key", help="the site's public key: its NAME.pub, or the key line")],
+    registry: Annotated[Optional[Path], typer.Option(
+        "--registry", help="the registry whose log records the change \\[default: registry/ beside --config]")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", min=1, help="the site's smaller LoRA rank, if it trains one")] = None,
+    coordinator_key: Annotated[Optional[Path], typer.Option(
+        "--coordinator-key", help="the coordinator's private key \\[default: coordinator.key beside the registry]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Put a site on the roster with its public key; from the next round on it may send signed updates."""
+    from fedtune.audit import change_roster
+
+    registry = _roster_registry(config, registry)
+    changed = change_roster(config, registry, "add", site, public_key, lora_r, coordinator_key)
+    entry = next(s for s in changed.sites if s.name == site)
+    if json_out:
+        print_json({"config": str(config), "registry": str(registry), "action": "add", **entry.model_dump()})
+        return
+    out.print(f"added site {site} to {config} (key {short_key(entry.key)}, rank {entry.lora_r or changed.lora.r}); "
+              f"logged in {registry / 'log.jsonl'}; send the site the new federation.yaml")
+
+
+@roster_app.command("remove")
+def roster_remove(
+    config: ConfigOpt,
+    site: Annotated[str, typer.Option("--site", help="the site to remove")],
+    registry: Annotated[Optional[Path], typer.Option(
+        "--registry", help="the registry whose log records the change \\[default: registry/ beside --config]")] = None,
+    coordinator_key: Annotated[Optional[Path], typer.Option(
+        "--coordinator-key", help="the coordinator's private key \\[default: coordinator.key beside the registry]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Take a site off the roster: its updates are refused from now on; versions it contributed to stay."""
+    from fedtune.audit import change_roster
+
+    registry = _roster_registry(config, registry)
+    changed = change_roster(config, registry, "remove", site, key=coordinator_key)
+    short = len(changed.sites) < changed.aggregation.quorum
+    message = (f"the roster has {len(changed.sites)} site(s), fewer than aggregation.quorum "
+               f"{changed.aggregation.quorum}: no round can be merged until more sites join") if short else None
+    if json_out:
+        print_json({"config": str(config), "registry": str(registry), "action": "remove", "name": site,
+                    "warnings": [message] if message else []})
+        return
+    if message:
+        warn(message)
+    out.print(f"removed site {site} from {config}; logged in {registry / 'log.jsonl'}")
+
+
+@roster_app.command("list")
+def roster_list(config: ConfigOpt, json_out: JsonOpt = False) -> None:
+    """The roster of a federation.yaml: each site's name, LoRA rank and public key."""
+    from fedtune.config import load_federation
+
+    federation = load_federation(config)
+    sites = [{"name": s.name, "lora_r": federation.site_rank(s.name), "key": s.key} for s in federation.sites]
+    if json_out:
+        print_json({"config": str(config), "coordinator_key": federation.coordinator_key,
+                    "signatures_required": federation.signatures_required(), "sites": sites})
+        return
+    rows = [[s["name"], str(s["lora_r"]), short_key(s["key"])] for s in sites]
+    print_table(["site", "rank", "key"], rows, title=f"roster of {federation.name} (coordinator key "
+                f"{short_key(federation.coordinator_key)}; signed updates "
+                f"{'required' if federation.signatures_required() else 'not required'})")
+
+
+# --- the audit trail ------------------------------------------------------------------------------------
+
+
+@app.command(rich_help_panel=COORDINATOR_PANEL)
+def log(
+    registry: RegistryOpt,
+    site: Annotated[Optional[str], typer.Option("--site", help="only the entries that concern this site")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The registry's history: versions, roster changes and rollbacks, in commit order.
+
+    Each version with its method and parameters, its contributors and their weights, and the updates it rejected.
+
+    Each roster change, and each rollback with its reason. --site keeps the entries that concern one site.
+    """
+    from fedtune.audit import history
+
+    rows = history(registry, site)
+    if json_out:
+        print_json({"registry": str(registry), "site": site, "entries": rows})
+        return
+    table = [_history_cells(row) for row in rows]
+    print_table(["version", "round", "created", "method", "contributors (weight)", "rejected", "notes"], table,
+                title=f"history of {registry}" + (f" for site {site}" if site else ""))
+
+
+def _history_cells(row: dict) -> list[str]:
+    from fedtune.wire import printable
+
+    created = str(row.get("created") or "")[:19].replace("T", " ")
+    if row["event"] == "roster":
+        note = f"roster {row['action']} {printable(row['site'], 64)}" + (f" (key {short_key(row['key'])})"
+                                                                          if row.get("key") else "")
+        return ["", "", created, "", "", "", note]
+    params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if v not in (None, "none", {}, []))
+    method = f"{row['method']} ({params})" if params else str(row["method"])
+    contributors = ", ".join(f"{c['site']} {c['weight']:.3f}" for c in row["contributors"])
+    rejected = "; ".join(f"{printable(r['site'], 64)}: {printable(r['reason'], 160)}" for r in row["rejected"])
+    notes = []
+    if row.get("rolled_back_to"):
+        notes.append(f"rolled back to {row['rolled_back_to']}: {printable(row.get('reason'), 200)}")
+    notes += [f"equivocation: {site}" for site in row["equivocations"]]
+    return [str(row["version"]), str(row["round"]), created, method, contributors, rejected, "; ".join(notes)]
+
+
+@app.command(rich_help_panel=COORDINATOR_PANEL)
+def verify(
+    path: Annotated[Optional[Path], typer.Argument(help="a global version folder to verify on its own")] = None,
+    registry: Annotated[Optional[Path], typer.Option("--registry", help="the registry to verify as a whole")] = None,
+    config: OptionalConfigOpt = None,
+    updates: Annotated[Optional[Path], typer.Option(
+        "--updates", help="the updates root (round-NNNN/<site>/): also check every merged update is there, "
+                          "as merged and signed")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-check a registry, or one global version folder, from its files alone.
+
+    Registry: the log's hash chain and signatures, and each version's manifest, signature, files and lineage.
+
+    Also rollbacks, the roster (against federation.yaml) and LATEST; with --updates, every merged update.
+
+    Version folder (a site's offline check): the coordinator's signature, its files, and --config's settings.
+
+    Exit 1 names the first broken item; what an interrupted command left for the next one is listed as pending.
+
+    PATH: a global version folder (with --config); without it, give --registry.
+    """
+    from fedtune.audit import verify_registry, verify_version
+    from fedtune.config import load_federation
+
+    if (path is None) == (registry is None):
+        raise BadInput("verify: give --registry REG (the whole registry) or a version folder PATH (with --config), "
+                       "not both")
+    if path is not None:
+        if config is None:
+            raise BadInput(f"verify {path}: give --config, the federation.yaml the version must belong to")
+        result = verify_version(path, load_federation(config))
+        if json_out:
+            print_json(result)
+            return
+        out.print(f"verified {path}: {result['version']} (round {result['round']}), "
+                  + ("signed by the coordinator, " if result["signed"] else "")
+                  + "its files and settings match federation.yaml")
+        return
+    result = verify_registry(registry, load_federation(registry_config(registry, config)), updates)
+    if json_out:
+        print_json(result)
+        return
+    out.print(f"verified {registry}: {result['versions']} versions (latest {result['latest']}), "
+              f"{result['signatures_checked']} signatures"
+              + (f", {result['updates_checked']} updates" if updates is not None else "")
+              + (f"; {len(result['pending'])} pending (notes below)" if result["pending"] else ""))
+    for note in result["pending"]:
+        err.print(f"note: pending: {note}", markup=False)
+
+
+@app.command(rich_help_panel=COORDINATOR_PANEL)
+def rollback(
+    registry: RegistryOpt,
+    to: Annotated[str, typer.Option("--to", help="the earlier version to return to, e.g. v0003")],
+    reason: Annotated[str, typer.Option("--reason", help="why (recorded in the new version's manifest)")],
+    config: OptionalConfigOpt = None,
+    key: CoordinatorKeyOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make the next version a byte copy of an earlier version's adapter; nothing is deleted.
+
+    The new version is signed and logged like any other, with the reason.
+
+    Sites train the next round from it with no special step.
+    """
+    from fedtune.audit import rollback as run_rollback
+    from fedtune.config import load_federation
+
+    folder = run_rollback(load_federation(registry_config(registry, config)), registry, to, reason, key)
+    if json_out:
+        print_json({"version": folder.name, "folder": str(folder), "rolled_back_to": to, "reason": reason.strip()})
+        return
+    out.print(f"wrote {folder}: the adapter of {to} (rolled back: {reason.strip()}); LATEST = {folder.name}")
