@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--preset", default="smollm2-135m", help="LoRA shapes (benchmarks/aggregate.py PRESETS)")
     parser.add_argument("--sites", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3, help="plain and instrumented runs each (medians reported)")
+    parser.add_argument("--torch-threads", type=int, help="OMP_NUM_THREADS for the runs [default: torch's own, one per "
+                        "core]; 1 keeps the merge steady when other processes hold a core")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedtune-bench-aggregate"), help="cache of generated rounds")
     parser.add_argument("--save", type=Path, nargs="?", const=DEFAULT_SAVE,
                         help=f"write the JSON record [default {DEFAULT_SAVE.relative_to(ROOT)}]")
@@ -197,6 +199,8 @@ def main() -> None:
     if not 1 <= args.sites <= bench.ROSTER:
         sys.exit(f"--sites: 1 to {bench.ROSTER}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     spec = bench.spec_of(args.preset)
     per_update = bench.update_bytes(spec)
@@ -209,6 +213,7 @@ def main() -> None:
     if "failed" in built:
         sys.exit("building the round failed")
 
+    load_start = os.getloadavg()
     round_dir = layout.round_dir(args.sites)
     cli_args = ["aggregate", "--config", str(layout.config), "--registry", str(layout.registry), "--updates", str(round_dir)]
     fedtune_cli = Path(sys.executable).parent / "fedtune"
@@ -217,7 +222,8 @@ def main() -> None:
     logs.mkdir(exist_ok=True)
     phases_file = logs / "phases.json"
     traced_cmd = [sys.executable, __file__, "--phases", str(phases_file), "--", *cli_args]
-    say("command: " + " ".join(plain_cmd))
+    shown = (f"OMP_NUM_THREADS={args.torch_threads} " if args.torch_threads else "") + " ".join(plain_cmd)
+    say("command: " + shown)
     plain, traced = [], []
     for attempt in range(args.repeat):
         for kind, cmd in (("plain", plain_cmd), ("instrumented", traced_cmd)):
@@ -243,7 +249,8 @@ def main() -> None:
     record = {
         "preset": args.preset, "sites": args.sites, "update_bytes": per_update,
         "update_bytes_total": bench.cached_bytes(layout, args.sites), "cpu": f"{psutil.cpu_count()} cores",
-        "command": " ".join(plain_cmd), "plain": plain, "instrumented": traced,
+        "torch_threads": args.torch_threads or "default", "load_average_at_start": load_start,
+        "command": shown, "plain": plain, "instrumented": traced,
         "median": {
             "plain_seconds": statistics.median(r["seconds"] for r in plain),
             "plain_peak_rss_mb": max(r["peak_rss_mb"] for r in plain),
@@ -266,7 +273,8 @@ def report(record: dict, args) -> None:
     median, first = record["median"], record["instrumented"][0]
     wall = median["instrumented_seconds"]
     print(f"\n{record['sites']} sites × {record['update_bytes'] / 1e6:.1f} MB ({record['preset']} shapes), "
-          f"{record['update_bytes_total'] / 1e9:.2f} GB of updates, {record['cpu']}; files in the page cache")
+          f"{record['update_bytes_total'] / 1e9:.2f} GB of updates, {record['cpu']}, torch threads {record['torch_threads']}; "
+          f"files in the page cache; load average {record['load_average_at_start'][0]:.1f} at the start")
     print(f"command: {record['command']}")
     plain_runs = ", ".join(f"{r['seconds']:.2f}" for r in record["plain"])
     traced_runs = ", ".join(f"{r['seconds']:.2f}" for r in record["instrumented"])

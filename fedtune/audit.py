@@ -204,6 +204,13 @@ def change_roster(
     changed = parse_model(FederationConfig, {**config.model_dump(mode="json"), "sites": sites}, str(config_path))
     store = Registry(registry, coordinator_signer(config, Path(registry), key))
     with store.lock("roster"):
+        # A signed roster event commits to the whole roster: never sign one over entries edited by hand.
+        line_number, recorded = [(n, e) for n, e in enumerate(store.entries(), start=1)
+                                 if n == 1 or e.get("event") == "roster"][-1]
+        if recorded.get("roster_sha256") != roster_sha256(config):
+            raise BadInput(f"{config_path}: its roster is not the one {store.log_path} records (line {line_number}): "
+                           "it was edited by hand; restore it (`fedtune verify --registry` checks), then change it "
+                           "with `fedtune roster`")
         before = config_path.read_bytes()
         write_text_atomic(config_path, federation_to_yaml(changed))
         try:

@@ -219,7 +219,13 @@ class Registry:
             "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "created": now(), **(extra or {}),
         }
         entry = self.append(entry)
-        write_text_atomic(self.root / "LATEST", folder.name + "\n")
+        try:
+            write_text_atomic(self.root / "LATEST", folder.name + "\n")
+        except OSError as err:
+            # Past the commit point: the version is committed, only LATEST lags (recover() moves it).
+            raise BadInput(f"{self.root / 'LATEST'}: could not be moved to {folder.name} ({err.strerror}); "
+                           f"{folder.name} is committed — the next fedtune command on this registry moves "
+                           "LATEST") from None
         return entry
 
     def _last_line_hash(self) -> str:

@@ -258,7 +258,8 @@ def kills(world: Path, out: Path, trials: int, seed: int, min_inside: int = 3, m
     behind), at most `max_trials` in all."""
     rng = random.Random(seed)
     ref = reference(world, out)
-    duration, commit = statistics.median(ref["durations"]), statistics.median(ref["commits"])
+    duration = statistics.median(ref["durations"])
+    commit = statistics.median([c for c in ref["commits"] if c is not None])
     results, snapshots, inside, index = [], {}, 0, 0
     while index < trials or (inside < min_inside and index < max_trials):
         late = index >= trials // 2
@@ -379,10 +380,14 @@ def intruder(world: Path, out: Path) -> dict:
             time.sleep(0.0005)
     code, message = finish(pid, output)
     after = tree(fed.registry)
-    return {"made": made, "code": code, "output": message,
-            "state": registry_state(fed.registry), "next_entries": sorted(os.listdir(fed.registry / NEXT)),
-            "changed": sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)),
-            "verify": verify(fed)}
+    observed = {"made": made, "code": code, "output": message, "state": registry_state(fed.registry),
+                "next_entries": sorted(os.listdir(fed.registry / NEXT)),
+                "changed": sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k)),
+                "verify": verify(fed)}
+    rerun_code, rerun_message = run(fed.aggregate_args())
+    return {**observed, "rerun_code": rerun_code, "rerun_output": rerun_message,
+            "after_rerun": registry_state(fed.registry), "verify_after_rerun": verify(fed),
+            "digest": version_digest(fed.registry / NEXT)}
 
 
 def main() -> None:

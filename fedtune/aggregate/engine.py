@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedtune.adapter import tensor_layout
@@ -30,10 +30,10 @@ from fedtune.aggregate.updates import RoundReader
 from fedtune.aggregate.validate import RoundChecks, Update, collect_round
 from fedtune.artifacts import read_json, sha256_file
 from fedtune.config import AggregationSettings, FederationConfig, parse_model
-from fedtune.errors import BadInput
+from fedtune.errors import BadInput, StageFailed
 from fedtune.federation import global_manifest
 from fedtune.registry import Registry, coordinator_signer, version_name
-from fedtune.wire.codec import pretty_json
+from fedtune.wire.codec import WireError, pretty_json
 from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, lora_layers, rank_slice
 from fedtune.wire.version import read_version_manifest, write_version_manifest
 
@@ -214,10 +214,13 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         )
         write_version_manifest(built, manifest, registry.key)
         _sync_folder(built)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a failed write (disk full) as its own error
         shutil.rmtree(built, ignore_errors=True)
-        raise BadInput(f"{registry.root}: could not write {version_name(number)} ({err.strerror}); "
-                       "the registry is unchanged") from None
+        raise BadInput(f"{registry.root}: could not write {version_name(number)} "
+                       f"({getattr(err, 'strerror', None) or err}); the registry is unchanged") from None
+    except WireError as err:  # the version's own manifest breaks its schema: a value no site should see
+        shutil.rmtree(built, ignore_errors=True)
+        raise StageFailed(f"aggregate: the new version's manifest is not valid ({err}); nothing written") from None
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise

@@ -147,15 +147,17 @@ def _equivocations(envelopes: list[Envelope], config: FederationConfig, rejected
         else:
             by_site[envelope.manifest.site].append(envelope)
     for site, claims in by_site.items():
-        if len(claims) == 1:
-            kept.append(claims[0])
+        if len({canonical_json(e.signed) for e in claims}) == 1:
+            # One signed update, copied: not two statements. The copy fails the folder check below.
+            kept.extend(claims)
             continue
+        outcome = "both are rejected" if len(claims) == 2 else f"all {len(claims)} are rejected"
         for envelope in claims:
-            others = ", ".join(e.folder.name for e in claims if e is not envelope)
-            rejected.append({"site": envelope.folder.name, "reason": f"equivocation: site '{site}' signed two "
-                             f"different updates this round (also in {others}); both are rejected"})
+            others = _names([_label(e.folder) for e in claims if e is not envelope])
+            rejected.append({"site": _label(envelope.folder), "reason": f"equivocation: site '{site}' signed two "
+                             f"different updates this round (also in {others}); {outcome}"})
         events.append(Equivocation(site=site, updates=[e.manifest.sha256 for e in claims],
-                                   folders=[e.folder.name for e in claims]).model_dump())
+                                   folders=[_label(e.folder) for e in claims]).model_dump())
     return kept, events
 
 

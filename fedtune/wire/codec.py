@@ -81,7 +81,8 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def parse_json(data: bytes, source: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting and number size."""
+    """Strict JSON: UTF-8 (no escaped lone surrogates), no duplicate keys, no NaN/Infinity, bounded nesting and
+    number size."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -100,7 +101,8 @@ def parse_json(data: bytes, source: str) -> Any:
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise WireError(f"{source}: not valid JSON (a \\u escape of a lone surrogate, which is no character)") from None
+            raise WireError(f"{source}: not valid JSON (a \\u escape of a lone surrogate, which is no "
+                            "character)") from None
         except RecursionError:
             raise WireError(f"{source}: nested too deeply") from None
     return value

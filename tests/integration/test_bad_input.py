@@ -82,14 +82,18 @@ def test_update_from_the_wrong_parent_strict(world, capsys):
     shutil.copytree(world.round1 / "dev", round2 / "dev")  # dev resends its round-1 update for round 2
     fedkit.forge_update(round2 / "dev", round=2)
     _expect_bad_input(world, _aggregate(world, "--strict", round_dir=round2), capsys,
-                      str(round2 / "dev"), "trained from v0000, not from the current version v0001", "--strict")
+                      str(round2 / "dev"), "replayed: its nonce belongs to an update already merged", "--strict")
+    # With a fresh nonce its tensors are still those merged in round 1.
+    fedkit.forge_update(round2 / "dev", nonce="ab" * 16)
+    _expect_bad_input(world, _aggregate(world, "--strict", round_dir=round2), capsys,
+                      str(round2 / "dev"), "replayed: these tensor bytes were already merged", "--strict")
 
 
 @pytest.mark.parametrize("corruption,fragment", [
     ("wrong-base-model", "trained on another base model"),
     ("nan-tensor", "holds NaN or Inf"),
     ("shape-mismatch", "expected F32[4, 32]"),
-    ("second-claim-on-site", "manifest names site 'clinic' but the folder is 'clinic-2'"),
+    ("second-claim-on-site", "manifest.json names site 'clinic' but the folder is 'clinic-2'"),
     ("site-not-on-roster", "site 'mallory' is not on the roster"),
 ])
 def test_invalid_update_under_strict(world, capsys, corruption, fragment):

@@ -350,7 +350,13 @@ def folder_is_a_link(world):
     elsewhere = world.root / "elsewhere" / "dev"
     shutil.move(dev(world), elsewhere)
     dev(world).symlink_to(elsewhere, target_is_directory=True)
-    return "dev", ["not a folder (a link or a file)"]
+    return "dev", ["not a folder (a link", "each update is a folder"]
+
+
+def folder_is_a_fifo(world):
+    shutil.rmtree(dev(world))
+    os.mkfifo(dev(world))
+    return "dev", ["not a folder (a link, FIFO or device)", "each update is a folder"]
 
 
 def folder_name_disagrees(world):
@@ -566,6 +572,7 @@ CASES = {
     "tensor-byte-changed-after-signing": tensors_changed_after_signing,
     # the site's folder
     "site-folder-is-a-link": folder_is_a_link,
+    "site-folder-is-a-fifo": folder_is_a_fifo,
     "folder-name-disagrees-with-manifest": folder_name_disagrees,
     "folder-name-with-an-escape": folder_name_escape,
     "folder-name-not-utf8": folder_name_not_utf8,
@@ -687,8 +694,8 @@ def test_fifo_in_place_of_a_file_does_not_hang(world, name):
     path = dev(world) / name
     path.unlink()
     os.mkfifo(path)
-    command = [sys.executable, "-c", "from fedtune.cli import main; main()", "aggregate", "--config", str(world.config_path),
-               "--registry", str(world.registry), "--updates", str(world.round1)]
+    command = [sys.executable, "-c", "from fedtune.cli import main; main()", "aggregate",
+               "--config", str(world.config_path), "--registry", str(world.registry), "--updates", str(world.round1)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
@@ -707,6 +714,17 @@ def test_manifest_reformatted_without_changing_its_content_is_accepted(world, ca
     assert code == 0 and "rejected" not in err, err
     contributors = fedkit.read_manifest(world.registry / "v0001")["contributors"]
     assert sorted(c["site"] for c in contributors) == ["bank", "clinic", "dev"]
+
+
+def test_control_characters_in_free_text_fields_are_never_printed(world, capsys):
+    # Signed, within their length caps, so accepted: the round must still print and record them escaped.
+    forge.resign(dev(world), key(world), created="\x1b]0;owned\x07", fedtune_version="\x1b[2J\x1b[H")
+    code, out, err = aggregate(world, capsys)  # asserts no raw escape on stdout or stderr
+    assert code == 0 and "rejected" not in err, err
+    version = (world.registry / "v0001" / "manifest.json").read_bytes()
+    assert b"\x1b" not in version and b"\x07" not in version
+    assert sorted(c["site"] for c in fedkit.read_manifest(world.registry / "v0001")["contributors"]) == [
+        "bank", "clinic", "dev"]
 
 
 def test_two_hostile_updates_leave_the_round_below_quorum(world, capsys):
@@ -746,8 +764,10 @@ def test_equivocation_rejects_both_and_is_recorded(world, capsys):
     manifest = fedkit.read_manifest(world.registry / "v0001")
     assert sorted(c["site"] for c in manifest["contributors"]) == OTHERS
     assert manifest["rejected"] == [
-        {"site": "dev", "reason": "equivocation: site 'dev' signed two different updates this round (also in dev-2)"},
-        {"site": "dev-2", "reason": "equivocation: site 'dev' signed two different updates this round (also in dev)"},
+        {"site": "dev", "reason": "equivocation: site 'dev' signed two different updates this round (also in dev-2); "
+                                  "both are rejected"},
+        {"site": "dev-2", "reason": "equivocation: site 'dev' signed two different updates this round (also in dev); "
+                                    "both are rejected"},
     ]
     assert manifest["equivocations"] == [{"site": "dev", "updates": shas, "folders": ["dev", "dev-2"]}]
     assert json.loads((world.registry / "log.jsonl").read_text().splitlines()[-1])["equivocations"] == 1
@@ -764,7 +784,8 @@ def test_equivocation_across_many_long_folder_names_is_recorded_within_bounds(wo
     manifest = fedkit.read_manifest(world.registry / "v0001")
     assert sorted(c["site"] for c in manifest["contributors"]) == OTHERS
     assert len(manifest["rejected"]) == 21
-    assert all(r["reason"].startswith("equivocation: site 'dev'") for r in manifest["rejected"])
+    assert all(r["reason"].startswith("equivocation: site 'dev'") and r["reason"].endswith("all 21 are rejected")
+               and "and 17 more" in r["reason"] for r in manifest["rejected"])
     [event] = manifest["equivocations"]
     assert event["site"] == "dev" and len(event["updates"]) == 21 and len(set(event["updates"])) == 21
 

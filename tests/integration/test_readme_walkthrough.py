@@ -86,3 +86,40 @@ def test_your_data_csv_walkthrough(tmp_path, tiny_model):
     assert card["records"]["read"] == 30 and card["records"]["kept"] == 30
     text = decoded_tokens(bank / "prepared", load_tokenizer(paths[MODEL_FOLDERS[1]]))
     assert "overdraft fee tier 7 cost" in text and "costs 10 euros per month" in text
+
+
+def _blocks_between(start: str, end: str) -> list[str]:
+    """Every ```bash block of the README between two headings."""
+    section = README[README.index(start):README.index(end)]
+    return re.compile(r"```bash\n(.*?)```", re.S).findall(section)
+
+
+def test_three_parties_with_keys_log_verify_and_rollback(tmp_path, tiny_model):
+    """The walkthrough's blocks in order — keys, init, the clinic's step and the same for the bank, the
+    coordinator's round, log, verify and rollback — with the tiny model as the federation's base."""
+    keys, init, site, coordinator = _blocks_between("## The same federation by hand, as three parties",
+                                                     "`prepare` reads `.jsonl`")[:2] + _blocks_between(
+        "**2. Each site**", "`prepare` reads `.jsonl`")[:1] + _blocks_between(
+        "**3. Coordinator** — collect", "### Preparing a site's data")[:1]
+    assert "fedtune init coordinator --site clinic" in init and "fedtune rollback" in coordinator
+    bank = site.replace("clinic", "bank")
+    script = "\n".join([keys, init.replace("fedtune init coordinator", f"fedtune init coordinator --model {tiny_model}"),
+                        site, bank, coordinator])
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipes").symlink_to(ROOT / "recipes")
+    result = _bash(script, work, env={"FEDTUNE_MODEL_DIR": str(tiny_model)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    registry = work / "coordinator" / "registry"
+    v1 = json.loads((registry / "v0001" / "manifest.json").read_text())
+    assert sorted(c["site"] for c in v1["contributors"]) == ["bank", "clinic"] and v1["rejected"] == []
+    assert (work / "clinic" / "outbox" / "round-0001" / "clinic" / "manifest.sig").is_file()
+    v2 = json.loads((registry / "v0002" / "manifest.json").read_text())
+    assert v2["rolled_back_to"] == "v0000" and v2["parent"] == "v0001" and "regressed" in v2["reason"]
+    assert (registry / "v0002" / "adapter_model.safetensors").read_bytes() == (
+        registry / "v0000" / "adapter_model.safetensors").read_bytes()
+    assert (registry / "LATEST").read_text().strip() == "v0002"
+    key = (work / "coordinator" / "coordinator.key")
+    assert key.is_file() and key.stat().st_mode & 0o777 == 0o600
+    assert not (work / "clinic" / "coordinator.key").exists()

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from conftest import TOPICS, site_records, write_jsonl
+from fedtune.config import load_federation
 from fedtune.registry import Registry, coordinator_signer
 from fedtune.wire.codec import canonical_json, pretty_json
 from fedtune.wire.keys import SigningKey
@@ -470,6 +471,12 @@ def _edit_roster(fed: Fed, change) -> None:
     fed.config.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def _symlink_adapter(folder: Path) -> None:
+    # The same bytes, but behind a link: a site could point it anywhere on the coordinator's disk.
+    (folder / "adapter_model.safetensors").rename(folder.parent / "elsewhere.safetensors")
+    (folder / "adapter_model.safetensors").symlink_to(folder.parent / "elsewhere.safetensors")
+
+
 def _set_key(sites, name, key):
     next(s for s in sites if s["name"] == name)["key"] = key
 
@@ -513,6 +520,8 @@ TAMPERING = {
     "update-sig-swapped": (lambda f: shutil.copy(f.updates / "round-0001" / "clinic" / "manifest.sig",
                                                  f.updates / "round-0001" / "bank" / "manifest.sig"),
                            "{upd}/round-0001/bank/manifest.sig: not site bank's signature"),
+    "update-adapter-symlink": (lambda f: _symlink_adapter(f.updates / "round-0001" / "bank"),
+                               "{upd}/round-0001/bank: adapter_model.safetensors: is a symbolic link"),
     "update-missing": (lambda f: shutil.rmtree(f.updates / "round-0001" / "dev"),
                        "{upd}/round-0001/dev: missing (site dev's update merged into v0001)"),
 }
@@ -568,10 +577,7 @@ def test_verify_passes_what_an_interrupted_command_left_with_a_note(audit, case)
     for note in notes:
         assert note in err
     # The next writer finishes it; verify then has nothing pending and sees the same registry.
-    config_path = audit.config
-    from fedtune.config import load_federation
-
-    with Registry(audit.registry, coordinator_signer(load_federation(config_path), audit.registry)).lock("test"):
+    with Registry(audit.registry, coordinator_signer(load_federation(audit.config), audit.registry)).lock("test"):
         pass
     after = json.loads(audit.verify("--json")[1])
     assert after["pending"] == [] and (after["versions"], after["latest"]) == (before["versions"], before["latest"])
