@@ -17,7 +17,9 @@ The content checks run on a thread pool (one worker per core); there the wall ti
 between copy_tensors (read once into a private copy, hashed while copied), delta_norm (finite + norm) and
 the rest of check_tensors (header against the parent's) in proportion to the thread-seconds each took.
 Everything else is sequential, so its wall time is measured directly. Shares are of the whole process's
-wall time (interpreter start to exit). --save writes JSON (benchmarks/results/trust_cpu.json by default).
+wall time (interpreter start to exit). Last, copy_tensors runs alone over the round's files, and the same
+reads + sha256 without the write, to show what writing the private copies costs. --save writes JSON
+(benchmarks/results/trust_cpu.json by default).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ PHASES = [
     ("write", "write + commit (save, sha256, sign, fsync, publish, log, LATEST)"),
     ("cleanup", "remove the private copies"),
     ("exit", "exit (after the command returned: interpreter teardown)"),
-    ("other", "everything else (method, weights, result line, between the steps above)"),
+    ("other", "everything else (method, weights, result line, in between)"),
 ]
 
 
@@ -175,6 +177,34 @@ def phases_of(clock: Clock, imported: float, finished: float) -> dict:
 # --------------------------------------------------------------------------------------- the benchmark
 
 
+def copy_anatomy(files: list[Path], work: Path) -> dict:
+    """Where copy_tensors' time goes, one file after another on one core: the same reads and sha256 without the
+    write, then copy_tensors itself writing its private copies into `work` (the file system the engine's
+    copies go to), warm page cache both times."""
+    import hashlib
+    import shutil
+
+    from fedtune.wire.update import COPY_CHUNK, copy_tensors
+
+    start = time.perf_counter()
+    for path in files:
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as handle:
+            while block := handle.read(COPY_CHUNK):
+                digest.update(block)
+    read_hash = time.perf_counter() - start
+    work.mkdir()
+    try:
+        start = time.perf_counter()
+        for index, path in enumerate(files):
+            copy_tensors(path, work / f"{index}.safetensors", 2 * path.stat().st_size)
+        copied = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "read_sha256_seconds": read_hash,
+            "copy_tensors_seconds": copied}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smollm2-135m", help="LoRA shapes (benchmarks/aggregate.py PRESETS)")
@@ -245,12 +275,15 @@ def main() -> None:
                 plain.append(run)
             say(f"  {kind:<12} run {attempt + 1}: {wall:6.2f} s   peak RSS {rss:6.0f} MB   others {100 * others:3.0f}% CPU")
     bench.reset_registry(layout)
+    files = layout.update_files(args.sites)
+    bench.warm(files)
+    anatomy = copy_anatomy(files, layout.registry / ".copy-anatomy.work")
 
     record = {
         "preset": args.preset, "sites": args.sites, "update_bytes": per_update,
         "update_bytes_total": bench.cached_bytes(layout, args.sites), "cpu": f"{psutil.cpu_count()} cores",
         "torch_threads": args.torch_threads or "default", "load_average_at_start": load_start,
-        "command": shown, "plain": plain, "instrumented": traced,
+        "command": shown, "plain": plain, "instrumented": traced, "copy_anatomy": anatomy,
         "median": {
             "plain_seconds": statistics.median(r["seconds"] for r in plain),
             "plain_peak_rss_mb": max(r["peak_rss_mb"] for r in plain),
@@ -296,6 +329,10 @@ def report(record: dict, args) -> None:
     print(f"  content checks ran on a pool: {first['content_pool_wall']:.3f} s wall for "
           f"{first['thread_seconds']['check_tensors']:.3f} thread-s (copy_tensors {first['thread_seconds']['copy_tensors']:.3f}, "
           f"delta_norm {first['thread_seconds']['delta_norm']:.3f}) in the first run; the rows above split its wall time")
+    anatomy = record["copy_anatomy"]
+    print(f"  copy_tensors alone, {anatomy['files']} files one after another: {anatomy['copy_tensors_seconds']:.2f} s "
+          f"({anatomy['bytes'] / anatomy['copy_tensors_seconds'] / 1e9:.2f} GB/s); the same reads + sha256 without "
+          f"writing the copy: {anatomy['read_sha256_seconds']:.2f} s ({anatomy['bytes'] / anatomy['read_sha256_seconds'] / 1e9:.2f} GB/s)")
     goal = record["goal"]
     print(f"\ngoal\n  {goal['result']:<6} {goal['goal']}: {100 * goal['share']:.3f} %")
 

@@ -117,7 +117,8 @@ def rollback(config: FederationConfig, registry: Path, to: str, reason: str, key
     with store.lock("rollback"):
         current = store.latest_name()
         if to not in {v.get("version") for v in store.versions()}:
-            raise BadInput(f"--to {to}: not a version of {store.root} (`fedtune log --registry {store.root}` lists them)")
+            raise BadInput(f"--to {to}: not a version of {store.root} "
+                           f"(`fedtune log --registry {store.root}` lists them)")
         if to == current:
             raise BadInput(f"--to {to}: already the current version; nothing to roll back")
         source, target = checked_version(store.root / to, config)
@@ -125,8 +126,9 @@ def rollback(config: FederationConfig, registry: Path, to: str, reason: str, key
         number = parent["round"] + 1
         built = store.root / f".{version_name(number)}.{os.getpid()}.tmp"
         built.mkdir()
+        files = [ADAPTER_FILE, CONFIG_FILE] + ([SERVER_STATE_FILE] if target.get("server_state_sha256") else [])
         try:
-            for name in (ADAPTER_FILE, CONFIG_FILE) + ((SERVER_STATE_FILE,) if target.get("server_state_sha256") else ()):
+            for name in files:
                 shutil.copyfile(source / name, built / name)
             sha = sha256_file(built / ADAPTER_FILE)
             if sha != target["adapter_sha256"]:
@@ -148,7 +150,7 @@ def rollback(config: FederationConfig, registry: Path, to: str, reason: str, key
             shutil.rmtree(built, ignore_errors=True)
             raise
         folder = store.publish(built, version_name(number))
-        store.commit(folder, {"rolled_back_to": to})
+        store.commit(folder)
     return folder
 
 
@@ -205,12 +207,7 @@ def change_roster(
     store = Registry(registry, coordinator_signer(config, Path(registry), key))
     with store.lock("roster"):
         # A signed roster event commits to the whole roster: never sign one over entries edited by hand.
-        line_number, recorded = [(n, e) for n, e in enumerate(store.entries(), start=1)
-                                 if n == 1 or e.get("event") == "roster"][-1]
-        if recorded.get("roster_sha256") != roster_sha256(config):
-            raise BadInput(f"{config_path}: its roster is not the one {store.log_path} records (line {line_number}): "
-                           "it was edited by hand; restore it (`fedtune verify --registry` checks), then change it "
-                           "with `fedtune roster`")
+        store.check_roster(config, config_path)
         before = config_path.read_bytes()
         write_text_atomic(config_path, federation_to_yaml(changed))
         try:

@@ -19,13 +19,12 @@ import torch
 
 from fedtune import models
 from fedtune.adapter import ADAPTER_FILE, lora_config, read_tensors, write_adapter
-from fedtune.artifacts import atomic_folder, write_json_atomic
+from fedtune.artifacts import atomic_folder, stamp, write_json_atomic
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput
-from fedtune.evaluate import evaluate
-from fedtune.federation import global_manifest
-from fedtune.registry import read_version_manifest
+from fedtune.evaluate import BASELINE_FORMAT, evaluate
+from fedtune.registry import checked_version
 from fedtune.train import train_loop
 
 BASELINES = ("local", "central")
@@ -74,9 +73,7 @@ def train_baseline(
         raise BadInput(f"{out}: already exists; baselines go into an empty folder")
     if not data:
         raise BadInput(f"baseline {name}: no prepared data to train on")
-    parent = read_version_manifest(start)
-    if parent["base_model"]["sha256"] != config.base_model.sha256:
-        raise BadInput(f"{start}: built on another base model than the federation's")
+    _start, parent = checked_version(start, config)
     parts = [read_prepared(Path(folder), config, "train") for folder in data]
     ids = np.concatenate([p[1] for p in parts])
     labels = np.concatenate([p[2] for p in parts])
@@ -102,14 +99,17 @@ def train_baseline(
                for k, v in get_peft_model_state_dict(result.model, save_embedding_layers=False).items()}
     with atomic_folder(out) as tmp:
         sha = write_adapter(tmp, tensors, config)
-        manifest = global_manifest(
-            config, parent["round"], sha, version=name, parent=parent["version"], method="baseline",
-            params={"sites": [p[0]["site"] for p in parts], "steps": steps}, contributors=[], rejected=[],
-            baseline={"sites": [p[0]["site"] for p in parts], "num_examples": len(ids),
-                      "train": {"steps": steps, "lr": settings.lr, "batch_size": settings.batch_size,
-                                "loss_first": result.losses[0], "loss_last": result.losses[-1],
-                                "seconds": round(result.seconds, 3)}},
-        )
+        # Not a global version: trained on one machine, never sent, so its manifest is a record, not a signed document.
+        manifest = {
+            "format": BASELINE_FORMAT, "name": name, "started_from": parent["version"],
+            "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
+            "lora": config.lora.model_dump(mode="json"), "adapter_sha256": sha,
+            "baseline": {"sites": [p[0]["site"] for p in parts], "num_examples": len(ids),
+                         "train": {"steps": steps, "lr": settings.lr, "batch_size": settings.batch_size,
+                                   "loss_first": result.losses[0], "loss_last": result.losses[-1],
+                                   "seconds": round(result.seconds, 3)}},
+            **stamp(),
+        }
         write_json_atomic(tmp / "manifest.json", manifest)
     return out
 

@@ -13,6 +13,8 @@ from fedtune import models
 from fedtune.config import FederationConfig
 from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput
+from fedtune.adapter import ADAPTER_FILE
+from fedtune.artifacts import read_json, sha256_file
 from fedtune.registry import checked_version
 
 
@@ -71,8 +73,8 @@ def evaluate(
     if str(adapter) != "base":
         from peft import PeftModel
 
-        folder, manifest = checked_version(Path(adapter), config)
-        model, name = PeftModel.from_pretrained(base_model, folder), manifest["version"]
+        folder, name = _checked_adapter(Path(adapter), config)
+        model = PeftModel.from_pretrained(base_model, folder)
     model.eval()
     try:
         sites = {}
@@ -87,3 +89,22 @@ def evaluate(
         if model is not base_model:
             model.unload()  # gives the caller its base model back without LoRA layers
     return {"adapter": name, "sites": sites}
+
+
+# A baseline adapter (`simulate --baselines`): trained on one machine without federation, never sent.
+BASELINE_FORMAT = "fedtune.baseline/1"
+
+
+def _checked_adapter(ref: Path, config: FederationConfig) -> tuple[Path, str]:
+    """A global version (signature and files checked) or a local baseline (files checked), and its name."""
+    manifest_path = ref / "manifest.json"
+    if manifest_path.is_file() and not (ref / "LATEST").exists():
+        manifest = read_json(manifest_path)
+        if isinstance(manifest, dict) and manifest.get("format") == BASELINE_FORMAT:
+            if manifest["base_model"]["sha256"] != config.base_model.sha256:
+                raise BadInput(f"{ref}: trained on another base model than the federation's")
+            if sha256_file(ref / ADAPTER_FILE) != manifest["adapter_sha256"]:
+                raise BadInput(f"{ref / ADAPTER_FILE}: does not match the sha256 in its manifest")
+            return ref, str(manifest["name"])
+    folder, manifest = checked_version(ref, config)
+    return folder, manifest["version"]

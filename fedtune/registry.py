@@ -210,13 +210,19 @@ class Registry:
         return entry
 
     def commit(self, folder: Path, extra: dict | None = None) -> dict:
-        """Log the published version in `folder` and point LATEST at it."""
+        """Log the published version in `folder` and point LATEST at it.
+
+        The line is made from the version's manifest alone (plus `extra`, only for v0000's roster), so a commit
+        that recover() finishes writes the same line the interrupted command would have."""
         manifest_bytes = (folder / "manifest.json").read_bytes()
         manifest = json.loads(manifest_bytes)
         entry = {
             "event": "version", "version": folder.name, "round": manifest["round"], "parent": manifest.get("parent"),
             "adapter_sha256": manifest["adapter_sha256"],
-            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "created": now(), **(extra or {}),
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "created": now(),
+            **({"rolled_back_to": manifest["rolled_back_to"]} if manifest.get("rolled_back_to") else {}),
+            **({"equivocations": len(manifest["equivocations"])} if manifest.get("equivocations") else {}),
+            **(extra or {}),
         }
         entry = self.append(entry)
         try:
@@ -261,6 +267,24 @@ class Registry:
                 raise BadInput(f"{self.log_path}: line {number} is not a JSON object (the log was edited)")
             out.append(entry)
         return out
+
+    def recorded_roster(self) -> tuple[int, str | None]:
+        """The log line that last set the roster (the first line, or the latest roster event) and the roster's
+        sha256 it records."""
+        found = [(n, e) for n, e in enumerate(self.entries(), start=1) if n == 1 or e.get("event") == "roster"]
+        if not found:
+            return 0, None
+        number, entry = found[-1]
+        return number, entry.get("roster_sha256")
+
+    def check_roster(self, config: FederationConfig, config_path: Path | str = "federation.yaml") -> None:
+        """Refuse a federation.yaml whose roster is not the one the log last recorded: keys decide who may
+        send updates, so they change only through `fedtune roster` (a signed log line)."""
+        number, recorded = self.recorded_roster()
+        if recorded is not None and recorded != roster_sha256(config):
+            raise BadInput(f"{config_path}: its roster is not the one {self.log_path} records (line {number}): it "
+                           "was edited by hand; restore it (`fedtune verify --registry` checks), then change it with "
+                           "`fedtune roster`")
 
     def versions(self) -> list[dict]:
         return [e for e in self.entries() if e.get("event") == "version"]

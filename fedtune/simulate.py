@@ -150,8 +150,8 @@ def train_round(
     return folder.parent
 
 
-def forge_update(folder: Path, attack: Attack, key: Path | None = None) -> Path:
-    """Replace the update in `folder` by what `attack` sends, signed with the attacker's own `key`.
+def forge_update(folder: Path, attack: Attack, site_key: Path | None = None) -> Path:
+    """Replace the update in `folder` by what `attack` sends, signed with the attacker's own `site_key`.
 
     sign-flip: delta × (−factor); scale: delta × factor; noise: Gaussian noise with std factor × the
     honest delta's std, per tensor; nan: a NaN written into one tensor. The noise is seeded by the
@@ -177,7 +177,7 @@ def forge_update(folder: Path, attack: Attack, key: Path | None = None) -> Path:
         forged[first] = forged[first].clone()
         forged[first].view(-1)[0] = math.nan
     fields = {k: v for k, v in manifest.items() if k not in ENCODED_FIELDS}
-    signer = SigningKey.load(key) if key is not None else None
+    signer = SigningKey.load(site_key) if site_key is not None else None
     return write_update(folder, encode_update(forged, fields, read_json(folder / CONFIG_FILE), signer), replace=True)
 
 

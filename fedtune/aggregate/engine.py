@@ -124,6 +124,7 @@ def aggregate_round(
     if not round_dir.is_dir():
         raise BadInput(f"{round_dir}: updates folder not found")
     with registry.lock("aggregate"):
+        registry.check_roster(config)
         parent_dir = registry.latest()
         parent = read_version_manifest(parent_dir, config.coordinator_key)
         if parent["base_model"]["sha256"] != config.base_model.sha256:
@@ -226,7 +227,7 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         raise
     folder = registry.publish(built, version_name(number))
     try:
-        registry.commit(folder, {"equivocations": len(equivocations)} if equivocations else None)
+        registry.commit(folder)
     except OSError as err:
         raise BadInput(f"{registry.log_path}: could not be written ({err.strerror}); {folder.name} is published but "
                        "not committed — the next fedtune command on this registry finishes or drops it") from None

@@ -47,8 +47,12 @@ def keys_new(
     name: Annotated[str, typer.Option("--name", help="the key's name: a site's roster name, or coordinator")],
     json_out: JsonOpt = False,
 ) -> None:
-    """Make a key pair: NAME.key (private, mode 0600: it never leaves this machine) and NAME.pub (one line: the
-    public key the coordinator puts on the roster)."""
+    """Make a key pair: NAME.key (private) and NAME.pub (public).
+
+    NAME.key is written with mode 0600 and never leaves this machine; it signs what this party sends.
+
+    NAME.pub is one line, the public key the coordinator puts on the roster (`fedtune roster add`).
+    """
     import re
 
     from fedtune.wire import SigningKey
@@ -218,8 +222,8 @@ def verify(
     from fedtune.config import load_federation
 
     if (path is None) == (registry is None):
-        raise BadInput("verify: give --registry REG (the whole registry) or a version folder PATH (with --config), "
-                       "not both")
+        raise BadInput("verify: give --registry REG (the whole registry) or a version folder PATH (with --config)"
+                       + (", not both" if path is not None else ""))
     if path is not None:
         if config is None:
             raise BadInput(f"verify {path}: give --config, the federation.yaml the version must belong to")

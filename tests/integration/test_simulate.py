@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -157,12 +158,15 @@ def test_attacker_sends_its_forged_update_and_median_resists(tmp_path, tiny_mode
     used = {c["site"]: c for c in version["contributors"]}
     assert used["dev"]["update_sha256"] == manifest["sha256"] and not version["rejected"]
 
-    # fedavg is linear: the attacked version moved by p_dev × (forged − honest) = p_dev × (−11) × honest.
+    # fedavg is linear: the attacked version moved by p_dev × (s·forged − honest) = p_dev × (−10s − 1) × honest,
+    # s being the clip the default norm bound (10 × the others' median norm) put on the forged update, if any.
     v0000 = _tensors(clean / "registry" / "v0000")
     fed_clean, fed_attacked = _tensors(clean / "registry" / "v0001"), _tensors(attacked / "registry" / "v0001")
-    p_dev = used["dev"]["weight"]
+    p_dev, scale = used["dev"]["weight"], used["dev"].get("clip_scale", 1.0)
+    others = [c["norm"] for site, c in used.items() if site != "dev"]
+    assert scale == pytest.approx(min(1.0, 10 * float(np.median(others)) / used["dev"]["norm"]), rel=1e-5)
     for key in honest:
-        assert torch.allclose(fed_attacked[key] - fed_clean[key], -11 * p_dev * honest[key], atol=1e-6)
+        assert torch.allclose(fed_attacked[key] - fed_clean[key], (-10 * scale - 1) * p_dev * honest[key], atol=1e-6)
 
     # Coordinate-wise robust rules keep every coordinate inside the honest sites' range; fedavg leaves it.
     h1, h2 = (_tensors(clean / "updates" / "round-0001" / s) for s in ("clinic", "bank"))
@@ -170,6 +174,10 @@ def test_attacker_sends_its_forged_update_and_median_resists(tmp_path, tiny_mode
     trimmed_registry = tmp_path / "trimmed" / "registry"
     shutil.copytree(attacked / "registry" / "v0000", trimmed_registry / "v0000")
     (trimmed_registry / "LATEST").write_text("v0000\n")
+    # The same registry as it stood after init: v0000's signed log line and the coordinator's key beside it.
+    first_line = (attacked / "registry" / "log.jsonl").read_bytes().splitlines(keepends=True)[0]
+    (trimmed_registry / "log.jsonl").write_bytes(first_line)
+    shutil.copy(attacked / "coordinator.key", trimmed_registry.parent / "coordinator.key")
     aggregate_round(config, trimmed_registry, attacked / "updates" / "round-0001", method="trimmed-mean", trim=0.4)
     robust = {"median": _tensors(median / "registry" / "v0001"), "trimmed-mean": _tensors(trimmed_registry / "v0001")}
     assert json.loads((median / "registry" / "v0001" / "manifest.json").read_text())["method"] == "median"

@@ -272,12 +272,31 @@ def test_aggregate_refuses_a_committed_round_unless_forced(world):
 def test_aggregate_takes_the_coordinator_key_it_is_given(world, tmp_path):
     ok("keys", "new", "--out", tmp_path, "--name", "impostor")
     line = one_error(fedtune("aggregate", "--config", world.config, "--registry", world.registry, "--updates",
-                             world.updates / "round-0002", "--key", tmp_path / "impostor.key"), 2)
+                             world.updates / "round-0001", "--key", tmp_path / "impostor.key"), 2)
     assert "impostor.key: not the coordinator key named in federation.yaml" in line
     shutil.move(world.fed / "coordinator.key", tmp_path / "coordinator.key")
     line = one_error(fedtune("aggregate", "--config", world.config, "--registry", world.registry, "--updates",
                              world.updates / "round-0001"), 2)
     assert "coordinator.key: key file not found" in line
+
+
+def test_aggregate_refuses_a_roster_edited_by_hand(fresh):
+    """Whoever can write federation.yaml must not be able to swap a site's key in and sign for it: aggregate
+    takes the roster only as the log last recorded it."""
+    ok("keys", "new", "--out", fresh.root / "mallory", "--name", "bank")
+    data = yaml.safe_load(fresh.config.read_text())
+    original = fresh.config.read_text()
+    for entry in data["sites"]:
+        if entry["name"] == "bank":
+            entry["key"] = (fresh.root / "mallory" / "bank.pub").read_text().strip()
+    fresh.config.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = sorted(p.name for p in fresh.registry.iterdir())
+    line = one_error(fedtune("aggregate", "--config", fresh.config, "--registry", fresh.registry, "--updates",
+                             fresh.updates / "round-0001"), 2)
+    assert "its roster is not the one" in line and "edited by hand" in line
+    assert sorted(p.name for p in fresh.registry.iterdir()) == before
+    fresh.config.write_text(original)
+    assert "LATEST = v0001" in fresh.aggregate(1)
 
 
 # --- the roster -----------------------------------------------------------------------------------------
