@@ -4,6 +4,7 @@ them back — once, into a private copy, hashed and parsed from the same bytes i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -83,39 +84,57 @@ def read_envelope(folder: Path, max_manifest_bytes: int = MAX_MANIFEST_BYTES) ->
 
 
 def copy_tensors(source: Path, target: Path, max_bytes: int) -> tuple[str, Layout]:
-    """Copy an update's tensor file into `target` (a file only this process writes), hashing the bytes as they
-    are copied, and parse the copy's header. The copy is what gets checked and merged, so a file swapped or
-    rewritten after this read changes nothing. Returns (sha256, layout); raises WireError."""
+    """Copy an update's tensor file into `target` (a file only this process writes), then hash and parse the
+    copy. The copy is what gets checked and merged, so a file swapped or rewritten after this read changes
+    nothing. Returns (sha256, layout); raises WireError."""
     fd, size = open_regular(source, max_bytes)
-    digest = hashlib.sha256()
-    buffer = bytearray(COPY_CHUNK)
-    view = memoryview(buffer)
-    copied = 0
     try:
         out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            while True:
-                count = os.readv(fd, [buffer])
-                if not count:
-                    break
-                copied += count
-                if copied > max_bytes:
-                    raise WireError(f"{source.name}: grew past the limit of {max_bytes} bytes while read")
-                digest.update(view[:count])
-                written = 0
-                while written < count:
-                    written += os.write(out, view[written:count])
+            _copy(fd, out, size)
         finally:
             os.close(out)
     except OSError as err:
         raise WireError(f"{source.name}: could not be copied ({err.strerror})") from None
     finally:
         os.close(fd)
+    digest = hashlib.sha256()
+    copied = 0
     with open(target, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) == 8:
             length = int.from_bytes(prefix, "little")
-            if length <= MAX_HEADER_BYTES and 8 + length <= copied:
+            if length <= MAX_HEADER_BYTES and 8 + length <= size:
                 prefix += handle.read(length)
-    del size
+        digest.update(prefix)
+        copied = len(prefix)
+        while block := handle.read(COPY_CHUNK):
+            digest.update(block)
+            copied += len(block)
     return digest.hexdigest(), read_header(prefix, copied, source.name)
+
+
+def _copy(source: int, target: int, size: int) -> None:
+    """Copy `size` bytes (at most) between two descriptors inside the kernel (copy_file_range: no pass through
+    this process, a reflink where the filesystem has them), else by reading and writing."""
+    copied = 0
+    try:
+        while copied < size:
+            count = os.copy_file_range(source, target, size - copied)
+            if count == 0:
+                return
+            copied += count
+        return
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    buffer = bytearray(COPY_CHUNK)
+    view = memoryview(buffer)
+    while copied < size:
+        count = os.readv(source, [view[: min(COPY_CHUNK, size - copied)]])
+        if not count:
+            return
+        written = 0
+        while written < count:
+            written += os.write(target, view[written:count])
+        copied += count

@@ -77,7 +77,7 @@ def test_three_parties_by_hand(tmp_path, tiny_model, site_files):
     assert set(tuned["sites"]) == {"clinic"}
     metrics = tuned["sites"]["clinic"]
     assert metrics["tokens"] > 0 and metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-5)
-    assert metrics["loss"] != base["sites"]["clinic"]["loss"]
+    assert metrics["loss"] < base["sites"]["clinic"]["loss"]  # v0001 learnt from the clinic's own data
 
     # The human-readable forms print where they wrote / a table.
     table = ok(fedtune("evaluate", "--config", "federation.yaml", "--adapter", "v0001", "--data", "prepared", cwd=home))

@@ -65,6 +65,6 @@ def test_embedded_round_loads_with_plain_peft(tmp_path):
     scores = evaluate(config, registry / "v0001", list(prepared.values()))
     base_scores = evaluate(config, "base", list(prepared.values()))
     for site in prepared:
-        assert scores["sites"][site]["loss"] != base_scores["sites"][site]["loss"]
+        assert scores["sites"][site]["loss"] < base_scores["sites"][site]["loss"]  # trained on these sites
         # Perplexity of the instruction model on this text is in a sane range (random init would be ~50,000).
         assert 1.0 < base_scores["sites"][site]["perplexity"] < 1000
