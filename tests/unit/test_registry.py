@@ -171,6 +171,23 @@ def test_read_version_manifest_checks_format(tmp_path):
         read_version_manifest(folder)
 
 
+def test_malformed_version_manifest_is_one_line_naming_the_field(registry):
+    """A version manifest with the right format but a field missing or mistyped: one BadInput naming the field,
+    wherever a version is read (train-local, evaluate and export go through checked_version)."""
+    from fedtune.registry import checked_version
+
+    manifest_path = registry.root / "v0000" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for broken, field in (({k: v for k, v in manifest.items() if k != "adapter_sha256"}, "adapter_sha256"),
+                          ({**manifest, "round": "zero"}, "round"),
+                          ({**manifest, "contributors": [{"site": "x"}]}, "contributors.0")):
+        manifest_path.write_text(json.dumps(broken))
+        with pytest.raises(BadInput) as info:
+            checked_version(registry.root, registry.config)
+        message = str(info.value)
+        assert "\n" not in message and str(manifest_path) in message and field in message
+
+
 # --- atomic writes ---------------------------------------------------------------------------------
 
 
