@@ -18,6 +18,7 @@ from fedtune.registry import (
     checked_version,
     coordinator_signer,
     roster_sha256,
+    sites_sha256,
     version_name,
     version_number,
 )
@@ -28,7 +29,7 @@ from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE
 from fedtune.wire.update import MANIFEST_FILE
 from fedtune.wire.version import SERVER_STATE_FILE, read_version_manifest, write_version_manifest
 
-__all__ = ["change_roster", "history", "rollback", "verify_registry", "verify_version"]
+__all__ = ["change_roster", "history", "rollback", "sync_roster", "verify_registry", "verify_version"]
 
 
 # --- history --------------------------------------------------------------------------------------------
@@ -155,6 +156,10 @@ def rollback(config: FederationConfig, registry: Path, to: str, reason: str, key
 
 
 # --- the roster -----------------------------------------------------------------------------------------
+#
+# A roster change is committed like a version: its signed log line, carrying the whole new roster, is the commit
+# point; federation.yaml is rewritten after it. A command killed in between leaves federation.yaml one committed
+# change behind the log, which `sync_roster` (and the next roster change) writes from the log line.
 
 
 def change_roster(
@@ -166,7 +171,7 @@ def change_roster(
     lora_r: int | None = None,
     key: Path | None = None,
 ) -> FederationConfig:
-    """Add a site to the roster or remove one: rewrite federation.yaml and log the change, signed.
+    """Add a site to the roster or remove one: log the change, signed, then rewrite federation.yaml.
 
     Args:
         config_path: the federation.yaml to rewrite.
@@ -182,8 +187,79 @@ def change_roster(
     """
     config_path = Path(config_path)
     config = load_federation(config_path)
+    store = Registry(registry, coordinator_signer(config, Path(registry), key))
+    with store.lock("roster"):
+        # A signed roster event commits to the whole roster: never sign one over entries edited by hand. A change
+        # an interrupted command committed but did not write comes first.
+        config, _ = _catch_up(store, config, config_path)
+        changed, line = _changed(config, config_path, action, site, public_key, lora_r)
+        sites = [s.model_dump(mode="json") for s in changed.sites]
+        store.append({"event": "roster", "action": action, "site": site, "key": line,
+                      **({"lora_r": lora_r} if action == "add" and lora_r else {}),
+                      "roster": sites, "roster_sha256": sites_sha256(sites), "created": now()})
+        _write_federation(config_path, changed, store)
+    return changed
+
+
+def sync_roster(config_path: Path, registry: Path, key: Path | None = None) -> tuple[FederationConfig, dict | None]:
+    """Write into federation.yaml the roster change the log committed but an interrupted command did not write.
+
+    Args:
+        config_path: the federation.yaml, one committed roster change behind the log or in step with it.
+        registry: the registry whose log holds the roster.
+        key: the coordinator's private key (default: coordinator.key beside the registry).
+
+    Returns:
+        The federation, and the change applied ({"line", "action", "site"}) or None when it was in step already.
+
+    Raises:
+        BadInput: federation.yaml's roster differs from the log's in any other way (edited by hand).
+    """
+    config_path = Path(config_path)
+    config = load_federation(config_path)
+    store = Registry(registry, coordinator_signer(config, Path(registry), key))
+    with store.lock("roster"):
+        config, pending = _catch_up(store, config, config_path)
+    if pending is None:
+        return config, None
+    line, entry = pending
+    return config, {"line": line, "action": entry["action"], "site": entry["site"]}
+
+
+def _catch_up(
+    store: Registry, config: FederationConfig, config_path: Path,
+) -> tuple[FederationConfig, tuple[int, dict] | None]:
+    """federation.yaml in step with the log: as it is, or with the one committed change it lacks written into it
+    (its other keys kept). Refuses a roster edited by hand. Call under the registry's lock."""
+    _line, recorded = store.recorded_roster()
+    if recorded is None or recorded == roster_sha256(config):
+        return config, None
+    pending = store.pending_roster(config)
+    if pending is None:
+        store.check_roster(config, config_path)  # raises: edited by hand
+    line, entry = pending
+    synced = parse_model(FederationConfig, {**config.model_dump(mode="json"), "sites": entry["roster"]},
+                         f"{store.log_path} line {line}")
+    _write_federation(config_path, synced, store)
+    return synced, pending
+
+
+def _write_federation(config_path: Path, config: FederationConfig, store: Registry) -> None:
+    try:
+        write_text_atomic(config_path, federation_to_yaml(config))
+    except OSError as err:
+        # Past the commit point: the change is in the log, only federation.yaml lags.
+        raise BadInput(f"{config_path}: could not be rewritten ({err.strerror}); the roster change is committed in "
+                       f"{store.log_path}: `fedtune roster sync --config {config_path} --registry {store.root}` "
+                       "writes it") from None
+
+
+def _changed(
+    config: FederationConfig, config_path: Path, action: str, site: str, public_key: str | Path | None,
+    lora_r: int | None,
+) -> tuple[FederationConfig, str | None]:
+    """The federation with `site` added or removed, and the key the log line names."""
     sites = [s.model_dump(mode="json") for s in config.sites]
-    line = None
     if action == "add":
         if site in config.site_names():
             raise BadInput(f"--site {site}: already on the roster of {config_path}")
@@ -204,18 +280,4 @@ def change_roster(
     else:
         raise BadInput(f"roster: unknown action '{action}' (add or remove)")
     changed = parse_model(FederationConfig, {**config.model_dump(mode="json"), "sites": sites}, str(config_path))
-    store = Registry(registry, coordinator_signer(config, Path(registry), key))
-    with store.lock("roster"):
-        # A signed roster event commits to the whole roster: never sign one over entries edited by hand.
-        store.check_roster(config, config_path)
-        before = config_path.read_bytes()
-        write_text_atomic(config_path, federation_to_yaml(changed))
-        try:
-            store.append({"event": "roster", "action": action, "site": site, "key": line,
-                          **({"lora_r": lora_r} if action == "add" and lora_r else {}),
-                          "roster_sha256": roster_sha256(changed), "created": now()})
-        except BaseException:
-            # The log is the commit point: without its line, federation.yaml goes back to what it was.
-            write_text_atomic(config_path, before.decode("utf-8"))
-            raise
-    return changed
+    return changed, line

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from fedtune.artifacts import now, write_text_atomic
 from fedtune.errors import BadInput
-from fedtune.wire.codec import WireError, canonical_json, parse_json
+from fedtune.wire.codec import WireError, canonical_json, parse_json, printable
 from fedtune.wire.keys import SigningKey, verify
 from fedtune.wire.version import check_version_files, read_version_manifest
 
@@ -57,7 +57,12 @@ def version_number(name: str) -> int:
 
 def roster_sha256(config: FederationConfig) -> str:
     """What the log records of a roster: the sha256 of its entries (names, ranks, keys)."""
-    return hashlib.sha256(canonical_json([s.model_dump(mode="json") for s in config.sites])).hexdigest()
+    return sites_sha256([s.model_dump(mode="json") for s in config.sites])
+
+
+def sites_sha256(sites: list) -> str:
+    """The sha256 of roster entries as federation.yaml's `sites` holds them (dicts: name, lora_r, key)."""
+    return hashlib.sha256(canonical_json(sites)).hexdigest()
 
 
 def coordinator_signer(config: FederationConfig, registry_root: Path, key_path: Path | None = None) -> SigningKey | None:
@@ -268,23 +273,53 @@ class Registry:
             out.append(entry)
         return out
 
+    def _roster_lines(self) -> list[tuple[int, dict]]:
+        """The log lines that set the roster, in order: the first (v0000's) and every roster event."""
+        return [(n, e) for n, e in enumerate(self.entries(), start=1) if n == 1 or e.get("event") == "roster"]
+
     def recorded_roster(self) -> tuple[int, str | None]:
         """The log line that last set the roster (the first line, or the latest roster event) and the roster's
         sha256 it records."""
-        found = [(n, e) for n, e in enumerate(self.entries(), start=1) if n == 1 or e.get("event") == "roster"]
+        found = self._roster_lines()
         if not found:
             return 0, None
         number, entry = found[-1]
         return number, entry.get("roster_sha256")
 
+    def pending_roster(self, config: FederationConfig) -> tuple[int, dict] | None:
+        """The last roster event, when `config` is exactly one committed roster change behind the log: its roster
+        is the one recorded before that event, and the event (signed, where the federation has a coordinator key)
+        carries the whole new roster. A roster change appends its line first, then rewrites federation.yaml, so
+        this is what a command killed in between leaves; None for any other state."""
+        found = self._roster_lines()
+        if len(found) < 2:
+            return None
+        (_, before), (number, last) = found[-2], found[-1]
+        roster = last.get("roster")
+        if before.get("roster_sha256") != roster_sha256(config) or not isinstance(roster, list):
+            return None
+        if sites_sha256(roster) != last.get("roster_sha256"):
+            return None
+        if config.coordinator_key is not None and not verify_line(last, config.coordinator_key):
+            return None
+        return number, last
+
     def check_roster(self, config: FederationConfig, config_path: Path | str = "federation.yaml") -> None:
         """Refuse a federation.yaml whose roster is not the one the log last recorded: keys decide who may
         send updates, so they change only through `fedtune roster` (a signed log line)."""
         number, recorded = self.recorded_roster()
-        if recorded is not None and recorded != roster_sha256(config):
-            raise BadInput(f"{config_path}: its roster is not the one {self.log_path} records (line {number}): it "
-                           "was edited by hand; restore it (`fedtune verify --registry` checks), then change it with "
-                           "`fedtune roster`")
+        if recorded is None or recorded == roster_sha256(config):
+            return
+        pending = self.pending_roster(config)
+        if pending is not None:
+            line, entry = pending
+            change = f"{printable(entry.get('action'), 10)} {printable(entry.get('site'), 64)}"
+            raise BadInput(f"{config_path}: one roster change behind {self.log_path} (line {line}: {change}), "
+                           f"committed but not yet written to it; `fedtune roster sync --config {config_path} "
+                           f"--registry {self.root}` applies it")
+        raise BadInput(f"{config_path}: its roster is not the one {self.log_path} records (line {number}): it "
+                       "was edited by hand; restore it (`fedtune verify --registry` checks), then change it with "
+                       "`fedtune roster`")
 
     def versions(self) -> list[dict]:
         return [e for e in self.entries() if e.get("event") == "version"]
@@ -345,34 +380,6 @@ class Registry:
                 nonces.add(contributor["nonce"])
                 hashes.add(contributor["update_sha256"])
         return nonces, hashes
-
-    def verify_log(self) -> list[dict]:
-        """The log of a registry at rest: every line a JSON object chained to the one before, each version's
-        manifest.json as the log recorded it, LATEST at the last version. Raises BadInput naming the first
-        broken line. (`fedtune verify` also checks signatures and files, and accepts an interrupted commit.)"""
-        entries, previous = [], GENESIS
-        for number, raw in enumerate(self._lines(), start=1):
-            try:
-                entry = parse_json(raw, "line")
-            except WireError:
-                entry = None
-            if not isinstance(entry, dict):
-                raise BadInput(f"{self.log_path}: line {number} is not a JSON object (the log was edited)")
-            if entry.get("prev") != previous:
-                raise BadInput(f"{self.log_path}: line {number} does not chain to the line before it")
-            previous = hashlib.sha256(raw).hexdigest()
-            entries.append(entry)
-        for number, entry in enumerate(entries, start=1):
-            if entry.get("event") != "version":
-                continue
-            manifest = self.root / str(entry.get("version")) / "manifest.json"
-            if not manifest.is_file() or hashlib.sha256(manifest.read_bytes()).hexdigest() != entry.get("manifest_sha256"):
-                raise BadInput(f"{self.log_path}: line {number} does not match {manifest} (one of them was edited)")
-        versions = [e for e in entries if e.get("event") == "version"]
-        if versions and self.exists() and versions[-1].get("version") != self.latest_name():
-            raise BadInput(f"{self.log_path}: the last version is {versions[-1].get('version')}, LATEST says "
-                           f"{self.latest_name()}")
-        return entries
 
     def resolve(self, ref: Path | str) -> Path:
         """A registry folder means its LATEST; a version folder means itself."""

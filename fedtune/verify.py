@@ -2,8 +2,9 @@
 
 Verification only reads. It re-checks every hash chain link, signature, manifest and file the registry's
 commits promise, and stops at the first item that breaks a promise. States an interrupted writer leaves
-(and `Registry.recover()` finishes on the next write) are reported as pending, not as failures, since a
-writer killed at any point must not make an honest registry look tampered with.
+(which `Registry.recover()` finishes on the next write, or `fedtune roster sync` for a federation.yaml one
+committed roster change behind) are reported as pending, not as failures, since a writer killed at any point
+must not make an honest registry look tampered with.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fedtune.registry import (
     VERSION_RE,
     checked_version,
     roster_sha256,
+    sites_sha256,
     verify_line,
     version_name,
     version_number,
@@ -66,6 +68,9 @@ class _Verifier:
         self.signatures = 0
         self.updates_checked = 0
         self.versions: list[dict] = []  # log entries of the versions checked so far, in order
+        # The roster the log leaves in force (name → key): federation.yaml's, or the log's own when federation.yaml
+        # is one committed change behind it.
+        self.sites: dict[str, str | None] = {s.name: s.key for s in config.sites} if config else {}
 
     def fail(self, message: str) -> NoReturn:
         raise VerifyFailed(message)
@@ -116,9 +121,10 @@ class _Verifier:
         return entries
 
     def roster_keys(self, entries: list[dict]) -> list[dict[str, str | None]]:
-        """The sites' keys in force at each log line, from federation.yaml's roster walked back through the log's
-        roster events (an add means the site was absent before it; a remove names the key it had)."""
-        keys: dict[str, str | None] = {s.name: s.key for s in self.config.sites} if self.config else {}
+        """The sites' keys in force at each log line, from today's roster (federation.yaml's, or the log's when the
+        file is one change behind) walked back through the log's roster events (an add means the site was absent
+        before it; a remove names the key it had)."""
+        keys = dict(self.sites)
         at: list[dict[str, str | None]] = [{}] * len(entries)
         for index in range(len(entries) - 1, -1, -1):
             at[index] = dict(keys)
@@ -234,24 +240,48 @@ class _Verifier:
         self.fail(f"{usual}: missing (site {site}'s update merged into {version_name(number)})")
 
     def roster(self, entries: list[dict]) -> None:
-        """federation.yaml holds the roster the log last recorded (the last roster event's, else the one v0000 was
-        made with), and every roster event is well-formed and fits it."""
+        """Every roster event is well-formed (its full roster, when it carries one, hashes to its roster_sha256);
+        federation.yaml holds the roster the log last recorded (the last roster event's, else the one v0000 was
+        made with) or is one committed change behind it (pending); every event fits the roster the later ones
+        leave."""
         events = [(number, e) for number, e in enumerate(entries, start=1) if e["event"] == "roster"]
-        line, last = events[-1] if events else (1, entries[0])
-        if self.config is not None and last.get("roster_sha256") != roster_sha256(self.config):
-            self.fail(f"federation.yaml: its roster (sites) is not the one the registry's log records ({self.log} "
-                      f"line {line}): it was edited by hand; change the roster with `fedtune roster add/remove`")
-        members = set(self.config.site_names()) if self.config else None
-        for number, entry in reversed(events):
+        for number, entry in events:
             where = f"{self.log}: line {number}"
             if entry.get("action") not in ("add", "remove") or not isinstance(entry.get("site"), str):
                 self.fail(f"{where}: a roster event without a valid action and site")
+            roster = entry.get("roster", [])
+            matches = isinstance(roster, list) and sites_sha256(roster) == entry.get("roster_sha256")
+            if "roster" in entry and not matches:
+                self.fail(f"{where}: its roster does not hash to its roster_sha256 (the line was altered)")
+        if self.config is not None:
+            self.roster_in_force([(1, entries[0])] + events)
+        members = set(self.sites) if self.config else None
+        for number, entry in reversed(events):
             if members is not None:
                 # Walking back from today's roster: an added site was there after its event, a removed one not.
                 if (entry["site"] in members) != (entry["action"] == "add"):
-                    self.fail(f"{where}: {entry['action']} of site {printable(entry['site'], 64)} does not fit the "
-                              "roster the later lines leave")
+                    self.fail(f"{self.log}: line {number}: {entry['action']} of site {printable(entry['site'], 64)} "
+                              "does not fit the roster the later lines leave")
                 (members.discard if entry["action"] == "add" else members.add)(entry["site"])
+
+    def roster_in_force(self, setters: list[tuple[int, dict]]) -> None:
+        """federation.yaml's roster against the lines that set the roster (v0000's, then each roster event)."""
+        line, last = setters[-1]
+        mine = roster_sha256(self.config)
+        if last.get("roster_sha256") == mine:
+            return
+        # A roster change logs its line (with the whole roster) first, then rewrites federation.yaml: a command
+        # killed in between leaves the file with the roster recorded just before.
+        if len(setters) > 1 and setters[-2][1].get("roster_sha256") == mine and "roster" in last:
+            if not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in last["roster"]):
+                self.fail(f"{self.log}: line {line}: its roster is not a list of sites")
+            self.sites = {e["name"]: e.get("key") for e in last["roster"]}
+            self.pending.append(f"federation.yaml: one roster change behind {self.log} (line {line}: {last['action']} "
+                                f"{printable(last['site'], 64)}), committed but not yet written to it; `fedtune "
+                                f"roster sync --config federation.yaml --registry {self.root}` applies it")
+            return
+        self.fail(f"federation.yaml: its roster (sites) is not the one the registry's log records ({self.log} "
+                  f"line {line}): it was edited by hand; change the roster with `fedtune roster add/remove`")
 
     def folders(self) -> None:
         """No version folder the log does not record, except the next one a writer published but did not log."""

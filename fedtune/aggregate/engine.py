@@ -100,6 +100,7 @@ def aggregate_round(
     warn: Callable[[str], None] = lambda _msg: None,
     key: Path | None = None,
     force_new_round: bool = False,
+    config_path: Path | str = "federation.yaml",
     **overrides,
 ) -> RoundResult:
     """Merge the valid updates in `round_dir` into the next global version of `registry_dir`.
@@ -112,6 +113,7 @@ def aggregate_round(
         warn: receives one line per rejected update.
         key: the coordinator's private key (default: coordinator.key beside the registry).
         force_new_round: aggregate `round_dir` as the next round even when its name is an earlier round's.
+        config_path: where `config` was read from (named in the roster check's errors).
         overrides: aggregation settings that replace the federation's (method, trim, quorum, …);
             None values are ignored.
     """
@@ -124,7 +126,7 @@ def aggregate_round(
     if not round_dir.is_dir():
         raise BadInput(f"{round_dir}: updates folder not found")
     with registry.lock("aggregate"):
-        registry.check_roster(config)
+        registry.check_roster(config, config_path)
         parent_dir = registry.latest()
         parent = read_version_manifest(parent_dir, config.coordinator_key)
         if parent["base_model"]["sha256"] != config.base_model.sha256:

@@ -173,7 +173,7 @@ def aggregate(
     from fedtune.config import load_federation
 
     result = aggregate_round(
-        load_federation(config), registry, updates, strict=strict, warn=progress_log(), key=key,
+        load_federation(config), registry, updates, strict=strict, warn=progress_log(), key=key, config_path=config,
         force_new_round=force_new_round, method=method, trim=trim, byzantine=byzantine, keep=keep, density=density,
         clip_norm=clip_norm, max_weight=max_weight, server_opt=server_opt, server_lr=server_lr, quorum=quorum,
     )

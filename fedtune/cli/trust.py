@@ -1,4 +1,4 @@
-"""Keys, the roster and the registry's audit trail: `keys new`, `roster add/remove/list`, `log`, `verify`,
+"""Keys, the roster and the registry's audit trail: `keys new`, `roster add/remove/sync/list`, `log`, `verify`,
 `rollback`."""
 
 from __future__ import annotations
@@ -132,6 +132,40 @@ def roster_remove(
     if message:
         warn(message)
     out.print(f"removed site {site} from {config}; logged in {registry / 'log.jsonl'}")
+
+
+@roster_app.command("sync")
+def roster_sync(
+    config: ConfigOpt,
+    registry: Annotated[Optional[Path], typer.Option(
+        "--registry", help="the registry whose log holds the roster \\[default: registry/ beside --config]")] = None,
+    coordinator_key: Annotated[Optional[Path], typer.Option(
+        "--coordinator-key",
+        help="the coordinator's private key \\[default: coordinator.key beside the registry]")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write into federation.yaml a roster change the log committed but an interrupted command did not write.
+
+    A roster change logs its signed line first, then rewrites federation.yaml; a command killed in between leaves
+    the file one change behind, which aggregate refuses until this (or the next roster add/remove) writes it.
+
+    Any other difference from the log's roster is refused as a hand edit.
+    """
+    from fedtune.audit import sync_roster
+
+    registry = _roster_registry(config, registry)
+    synced, applied = sync_roster(config, registry, coordinator_key)
+    if json_out:
+        print_json({"config": str(config), "registry": str(registry), "applied": applied,
+                    "sites": synced.site_names()})
+        return
+    if applied is None:
+        out.print(f"{config}: its roster is the one {registry / 'log.jsonl'} records; nothing to do")
+        return
+    from fedtune.wire import printable
+
+    out.print(f"wrote {config}: the roster change {registry / 'log.jsonl'} committed at line {applied['line']} "
+              f"({applied['action']} {printable(applied['site'], 64)}); send the sites the new federation.yaml")
 
 
 @roster_app.command("list")

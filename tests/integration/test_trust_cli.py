@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -365,6 +366,85 @@ def test_the_last_site_stays_on_the_roster(world):
     assert world.verify()[0] == 0
 
 
+def _killed_after_its_log_line(*args) -> None:
+    """Run `fedtune ARGS` (a roster change) in a forked child that is SIGKILLed the moment it starts rewriting
+    federation.yaml: after its log line, the commit point, was written."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            from fedtune import audit
+
+            write = audit.write_text_atomic
+
+            def killed(path, text):
+                if Path(path).name == "federation.yaml":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return write(path, text)
+
+            audit.write_text_atomic = killed
+            fedtune(*args)
+        finally:
+            os._exit(3)  # only reached if the command never wrote federation.yaml
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+def test_a_roster_change_killed_after_its_log_line_is_finished_by_roster_sync(fresh):
+    """An honest crash between the log line and federation.yaml must not look like tampering: verify passes with
+    a note, aggregate refuses with one line naming the fix, `roster sync` applies the committed change."""
+    ok("keys", "new", "--out", fresh.root / "keys", "--name", "eve")
+    eve = fresh.pub("eve").read_text().strip()
+    before = fresh.config.read_bytes()
+    _killed_after_its_log_line("roster", "add", "--config", fresh.config, "--site", "eve", "--key", fresh.pub("eve"))
+    assert fresh.config.read_bytes() == before
+    last = json.loads(fresh.log_lines()[-1])
+    assert (last["event"], last["action"], last["site"], last["roster"][-1]["key"]) == ("roster", "add", "eve", eve)
+
+    code, out, err = fresh.verify("--updates", fresh.updates)
+    assert code == 0 and "1 pending (notes below)" in out, err
+    assert err.startswith("note: pending: federation.yaml: one roster change behind") and len(err.splitlines()) == 1
+    assert "(line 2: add eve)" in err and "`fedtune roster sync --config" in err
+
+    registry_before = {p.name: p.read_bytes() for p in fresh.registry.iterdir() if p.is_file() and p.name != ".lock"}
+    line = one_error(fedtune("aggregate", "--config", fresh.config, "--registry", fresh.registry, "--updates",
+                             fresh.updates / "round-0001"), 2)
+    assert line == (f"error: {fresh.config}: one roster change behind {fresh.registry / 'log.jsonl'} (line 2: add "
+                    f"eve), committed but not yet written to it; `fedtune roster sync --config {fresh.config} "
+                    f"--registry {fresh.registry}` applies it")
+    assert {p.name: p.read_bytes() for p in fresh.registry.iterdir()
+            if p.is_file() and p.name != ".lock"} == registry_before
+
+    out = ok("roster", "sync", "--config", fresh.config)
+    assert out.strip() == (f"wrote {fresh.config}: the roster change {fresh.registry / 'log.jsonl'} committed at "
+                           "line 2 (add eve); send the sites the new federation.yaml")
+    old, new = yaml.safe_load(before), yaml.safe_load(fresh.config.read_text())
+    assert new["sites"] == old["sites"] + [{"name": "eve", "lora_r": None, "key": eve}]
+    # Every other key of federation.yaml is as it was.
+    assert {k: v for k, v in new.items() if k != "sites"} == {k: v for k, v in old.items() if k != "sites"}
+    assert len(fresh.log_lines()) == 2  # applied from the log, not logged again
+    code, out, err = fresh.verify("--updates", fresh.updates)
+    assert code == 0 and err == "" and "pending" not in out
+    assert "LATEST = v0001" in fresh.aggregate(1)
+
+
+def test_roster_sync_of_a_federation_in_step_changes_nothing(world):
+    before = world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()
+    out = ok("roster", "sync", "--config", world.config, "--registry", world.registry)
+    assert out.strip() == f"{world.config}: its roster is the one {world.registry / 'log.jsonl'} records; nothing to do"
+    assert json.loads(ok("roster", "sync", "--config", world.config, "--json")) == {
+        "config": str(world.config), "registry": str(world.registry), "applied": None, "sites": SITES}
+    assert (world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()) == before
+
+
+def test_roster_sync_refuses_a_roster_edited_by_hand(world):
+    _edit_roster(world, lambda s: _set_key(s, "bank", SigningKey.generate().public))
+    before = world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()
+    line = one_error(fedtune("roster", "sync", "--config", world.config), 2)
+    assert f"{world.config}: its roster is not the one {world.registry / 'log.jsonl'} records (line 1)" in line
+    assert "edited by hand" in line
+    assert (world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()) == before
+
+
 # --- log ------------------------------------------------------------------------------------------------
 
 
@@ -478,6 +558,22 @@ def _resign_log_line(fed: Fed, number: int) -> None:
     (fed.registry / "log.jsonl").write_bytes(b"".join(lines))
 
 
+def _forge_as_coordinator(fed: Fed, number: int, change) -> None:
+    """Change log line `number`, then re-chain and re-sign it and every line after it with the coordinator's own
+    key: only a check that does not rest on the signatures can catch it."""
+    key = SigningKey.load(fed.fed / "coordinator.key")
+    lines = fed.log_lines()
+    for index in range(number - 1, len(lines)):
+        entry = json.loads(lines[index])
+        entry.pop("sig")
+        if index == number - 1:
+            change(entry)
+        entry["prev"] = hashlib.sha256(lines[index - 1]).hexdigest() if index else "0" * 64
+        entry["sig"] = key.sign(canonical_json(entry))
+        lines[index] = canonical_json(entry) + b"\n"
+    (fed.registry / "log.jsonl").write_bytes(b"".join(lines))
+
+
 def _drop_log_line(fed: Fed, number: int) -> None:
     lines = fed.log_lines()
     del lines[number - 1]
@@ -519,11 +615,16 @@ TAMPERING = {
                              "{reg}/v0001/manifest.sig: not the coordinator's signature of manifest.json"),
     "log-line-other-key": (lambda f: _resign_log_line(f, 3),
                            "{reg}/log.jsonl: line 3: not signed by the coordinator key"),
-    "roster-site-removed": (lambda f: _edit_roster(f, lambda sites: sites.pop()),
+    # Not eve, whom line 3 added: without her the roster is the one before line 3, a committed change not yet
+    # written, which verify notes as pending (the roster sync tests above).
+    "roster-site-removed": (lambda f: _edit_roster(f, lambda sites: sites.pop(0)),
                             "federation.yaml: its roster (sites) is not the one the registry's log records "
                             "({reg}/log.jsonl line 3): it was edited by hand"),
     "roster-key-replaced": (lambda f: _edit_roster(f, lambda s: _set_key(s, "bank", SigningKey.generate().public)),
                             "federation.yaml: its roster (sites) is not the one the registry's log records"),
+    "roster-line-roster-altered": (lambda f: _forge_as_coordinator(
+                                       f, 3, lambda e: _set_key(e["roster"], "eve", SigningKey.generate().public)),
+                                   "{reg}/log.jsonl: line 3: its roster does not hash to its roster_sha256"),
     "coordinator-key-replaced": (lambda f: f.config.write_text(f.config.read_text().replace(
                                      yaml.safe_load(f.config.read_text())["coordinator_key"],
                                      SigningKey.generate().public)),
@@ -624,7 +725,8 @@ def _imported(*args: str) -> set[str]:
     return {m.group(1) for m in re.finditer(r"import time:\s+\d+ \|\s+\d+ \|\s*(\S+)", result.stderr)}
 
 
-@pytest.mark.parametrize("args", [["keys", "new", "--help"], ["roster", "add", "--help"], ["log", "--help"],
+@pytest.mark.parametrize("args", [["keys", "new", "--help"], ["roster", "add", "--help"], ["roster", "sync", "--help"],
+                                  ["log", "--help"],
                                   ["verify", "--help"], ["rollback", "--help"]])
 def test_trust_commands_help_imports_no_torch(args):
     modules = _imported(*args)

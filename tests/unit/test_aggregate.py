@@ -21,8 +21,9 @@ from fedtune.aggregate.engine import site_weights
 from fedtune.aggregate.mean import FedAvg
 from fedtune.aggregate.robust import TrimmedMean
 from fedtune.config import AggregationSettings
-from fedtune.errors import BadInput
+from fedtune.errors import BadInput, VerifyFailed
 from fedtune.registry import Registry
+from fedtune.verify import verify_registry
 
 ADAPTER = fedkit.ADAPTER
 
@@ -197,7 +198,8 @@ def test_new_version_manifest_latest_and_log(world):
         s: fedkit.read_manifest(world.round1 / s)["sha256"] for s in ("bank", "clinic", "dev")}
     assert json.loads((version / "adapter_config.json").read_text())["r"] == world.config.lora.r
 
-    entries = registry.verify_log()
+    assert verify_registry(world.registry, world.config)["latest"] == "v0001"
+    entries = registry.entries()
     assert [e["version"] for e in entries] == ["v0000", "v0001"]
     assert entries[1]["adapter_sha256"] == manifest["adapter_sha256"]
     assert entries[1]["manifest_sha256"] == fedkit.sha256(version / "manifest.json")
@@ -213,8 +215,8 @@ def test_log_verification_catches_an_edited_line(world):
     first["adapter_sha256"] = "0" * 64
     lines[0] = json.dumps(first, sort_keys=True) + "\n"
     log.write_text("".join(lines))
-    with pytest.raises(BadInput, match="line 2 does not chain"):
-        Registry(world.registry).verify_log()
+    with pytest.raises(VerifyFailed, match="line 1"):
+        verify_registry(world.registry, world.config)
 
 
 def _merged_base(tiny_model, adapter_dir, scaling):
@@ -356,7 +358,8 @@ def test_update_trained_from_the_previous_version_is_rejected_in_round_two(world
     parent = load_file(str(world.registry / "v0001" / ADAPTER))
     _assert_tensors_close(load_file(str(world.registry / "v0002" / ADAPTER)),
                           _fedavg_expected(parent, round2, ["bank", "clinic"]))
-    assert [e["version"] for e in Registry(world.registry).verify_log()] == ["v0000", "v0001", "v0002"]
+    assert verify_registry(world.registry, world.config)["latest"] == "v0002"
+    assert [e["version"] for e in Registry(world.registry).entries()] == ["v0000", "v0001", "v0002"]
 
 
 def test_quorum_not_met_writes_nothing(world):

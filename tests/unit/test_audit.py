@@ -12,9 +12,10 @@ import shutil
 import pytest
 
 import fedkit
-from fedtune.audit import change_roster, history, rollback, verify_registry, verify_version
+from fedtune.audit import change_roster, history, rollback, sync_roster, verify_registry, verify_version
 from fedtune.errors import BadInput, FedtuneError, VerifyFailed
-from fedtune.registry import Registry, roster_sha256, verify_line
+from fedtune.registry import Registry, roster_sha256, sites_sha256, verify_line
+from fedtune.wire.codec import canonical_json
 from fedtune.wire.keys import SigningKey
 from fedtune.wire.version import read_version_manifest
 
@@ -198,6 +199,9 @@ def test_change_roster_rewrites_the_federation_and_logs_it_signed(world):
     assert {k: entry[k] for k in ("event", "action", "site", "key", "lora_r", "roster_sha256")} == {
         "event": "roster", "action": "add", "site": "eve", "key": eve.public, "lora_r": 2,
         "roster_sha256": roster_sha256(changed)}
+    # The line carries the whole new roster, as federation.yaml holds it: the file can be rewritten from it.
+    assert entry["roster"] == [s.model_dump(mode="json") for s in changed.sites]
+    assert sites_sha256(entry["roster"]) == entry["roster_sha256"]
     assert verify_line(entry, world.config.coordinator_key)
     assert verify_registry(world.registry, changed, world.updates)["ok"]
 
@@ -230,3 +234,94 @@ def test_change_roster_never_signs_a_roster_edited_by_hand(world):
 def test_change_roster_refuses_an_unknown_action(world):
     with pytest.raises(BadInput, match="unknown action 'rename'"):
         change_roster(world.config_path, world.registry, "rename", "dev")
+
+
+def _one_change_behind(world, change) -> bytes:
+    """Make a roster change, then put federation.yaml back as it was: byte for byte the state a change killed
+    between its log line and the rewrite of federation.yaml leaves. Returns the federation.yaml it wrote."""
+    before = world.config_path.read_bytes()
+    change()
+    after = world.config_path.read_bytes()
+    world.config_path.write_bytes(before)
+    return after
+
+
+def test_a_committed_roster_change_missing_from_federation_yaml_is_pending_not_tampering(world):
+    change_roster(world.config_path, world.registry, "remove", "dev")
+    eve = SigningKey.generate()
+    written = _one_change_behind(world, lambda: change_roster(world.config_path, world.registry, "add", "eve",
+                                                              eve.public))
+    store = Registry(world.registry)
+    with pytest.raises(BadInput, match=r"federation.yaml: one roster change behind .*log.jsonl \(line 4: add eve\), "
+                                       r"committed but not yet written to it; `fedtune roster sync --config "):
+        store.check_roster(load(world), world.config_path)
+    report = verify_registry(world.registry, load(world), world.updates)
+    assert report["updates_checked"] == 3 and len(report["pending"]) == 1
+    assert "one roster change behind" in report["pending"][0] and "(line 4: add eve)" in report["pending"][0]
+
+    synced, applied = sync_roster(world.config_path, world.registry)
+    assert applied == {"line": 4, "action": "add", "site": "eve"}
+    assert world.config_path.read_bytes() == written and synced == load(world)
+    assert verify_registry(world.registry, load(world), world.updates)["pending"] == []
+    assert sync_roster(world.config_path, world.registry) == (synced, None)
+    assert world.config_path.read_bytes() == written
+
+
+def test_change_roster_applies_a_pending_change_before_its_own(world):
+    eve, frank = SigningKey.generate(), SigningKey.generate()
+    _one_change_behind(world, lambda: change_roster(world.config_path, world.registry, "add", "eve", eve.public))
+    changed = change_roster(world.config_path, world.registry, "add", "frank", frank.public)
+    assert changed.site_names() == ["clinic", "bank", "dev", "eve", "frank"] == load(world).site_names()
+    assert (changed.site_key("eve"), changed.site_key("frank")) == (eve.public, frank.public)
+    # The pending change was applied, not logged again.
+    assert [(r["action"], r["site"]) for r in history(world.registry) if r["event"] == "roster"] == [
+        ("add", "eve"), ("add", "frank")]
+    assert verify_registry(world.registry, changed, world.updates)["pending"] == []
+
+
+def test_a_roster_change_whose_federation_yaml_cannot_be_written_is_committed_and_synced_later(world, monkeypatch):
+    import fedtune.audit
+
+    before = world.config_path.read_bytes()
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fedtune.audit, "write_text_atomic", disk_full)
+    with pytest.raises(BadInput, match=r"federation.yaml: could not be rewritten \(No space left on device\); the "
+                                       r"roster change is committed .*`fedtune roster sync --config"):
+        change_roster(world.config_path, world.registry, "remove", "dev")
+    assert world.config_path.read_bytes() == before
+    assert history(world.registry)[-1]["action"] == "remove"
+    monkeypatch.undo()
+    synced, applied = sync_roster(world.config_path, world.registry)
+    assert applied["site"] == "dev" and synced.site_names() == ["clinic", "bank"] == load(world).site_names()
+
+
+def test_sync_refuses_a_roster_behind_and_edited_by_hand(world):
+    # One change behind, and bank's key swapped too: not a state any command leaves, so nothing is applied.
+    _one_change_behind(world, lambda: change_roster(world.config_path, world.registry, "remove", "dev"))
+    text = world.config_path.read_text()
+    world.config_path.write_text(text.replace(world.config.site_key("bank"), SigningKey.generate().public))
+    before = world.config_path.read_bytes(), (world.registry / "log.jsonl").read_bytes()
+    with pytest.raises(BadInput, match=r"its roster is not the one .*log.jsonl records \(line 3\): it was edited"):
+        sync_roster(world.config_path, world.registry)
+    assert (world.config_path.read_bytes(), (world.registry / "log.jsonl").read_bytes()) == before
+    with pytest.raises(VerifyFailed, match="edited by hand"):
+        verify_registry(world.registry, load(world))
+
+
+def test_a_roster_line_without_the_coordinators_signature_is_never_applied(world):
+    # Someone who can write the log but lacks the coordinator key signs the last roster line with a key of their
+    # own: it is not a committed change, so federation.yaml is not "behind" it.
+    mallory = SigningKey.generate()
+    _one_change_behind(world, lambda: change_roster(world.config_path, world.registry, "add", "eve", mallory.public))
+    lines = (world.registry / "log.jsonl").read_bytes().splitlines(keepends=True)
+    entry = json.loads(lines[-1])
+    entry.pop("sig")
+    entry["sig"] = mallory.sign(canonical_json(entry))
+    (world.registry / "log.jsonl").write_bytes(b"".join(lines[:-1]) + canonical_json(entry) + b"\n")
+    before = world.config_path.read_bytes()
+    with pytest.raises(BadInput, match="edited by hand"):
+        sync_roster(world.config_path, world.registry)
+    assert world.config_path.read_bytes() == before

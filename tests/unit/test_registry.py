@@ -13,6 +13,8 @@ from fedtune.artifacts import atomic_folder, read_json, sha256_file, write_bytes
 from fedtune.errors import BadInput
 from fedtune.federation import global_manifest
 from fedtune.registry import GENESIS, Registry, resolve_global, version_name, version_number
+from fedtune.errors import VerifyFailed
+from fedtune.verify import verify_registry
 from fedtune.wire import SigningKey
 from fedtune.wire.version import read_version_manifest, write_version_manifest
 
@@ -24,10 +26,17 @@ def add_version(registry: Registry, number: int, payload: bytes = b"weights") ->
     built = registry.root / f".{name}.test.tmp"
     built.mkdir()
     (built / "adapter_model.safetensors").write_bytes(payload + bytes([number]))
+    parent = json.loads((registry.path_of(version_name(number - 1)) / "manifest.json").read_text())
     manifest = global_manifest(registry.config, number, sha256_file(built / "adapter_model.safetensors"),
-                               parent=version_name(number - 1), method="test", params={})
+                               parent=parent["version"], parent_sha256=parent["adapter_sha256"], method="test",
+                               params={})
     write_version_manifest(built, manifest, registry.key)
     return registry.commit(registry.publish(built, name)) and registry.path_of(name)
+
+
+def verify(registry: Registry) -> dict:
+    """`fedtune verify --registry` on it, with the federation's coordinator key."""
+    return verify_registry(registry.root, registry.config)
 
 
 @pytest.fixture
@@ -54,7 +63,8 @@ def test_init_registry_latest_is_v0000_and_log_verifies(registry):
     assert (registry.root / "LATEST").read_text() == "v0000\n"
     assert registry.latest_name() == "v0000"
     assert registry.latest() == registry.root / "v0000"
-    entries = registry.verify_log()
+    assert verify(registry)["versions"] == 1
+    entries = registry.entries()
     assert len(entries) == 1
     entry = entries[0]
     assert entry["event"] == "version" and entry["version"] == "v0000"
@@ -82,7 +92,8 @@ def test_commit_appends_line_chained_to_previous(registry):
     lines = registry.log_path.read_bytes().splitlines(keepends=True)
     assert len(lines) == 3
     assert json.loads(lines[2])["prev"] == hashlib.sha256(lines[1]).hexdigest()
-    assert [e["version"] for e in registry.verify_log()] == ["v0000", "v0001", "v0002"]
+    assert verify(registry)["latest"] == "v0002"
+    assert [e["version"] for e in registry.entries()] == ["v0000", "v0001", "v0002"]
     assert registry.latest_name() == "v0002"
 
 
@@ -94,18 +105,18 @@ def test_tampered_log_line_fails_verification(registry):
     entry["adapter_sha256"] = "f" * 64
     lines[1] = (json.dumps(entry, sort_keys=True) + "\n").encode()
     registry.log_path.write_bytes(b"".join(lines))
-    with pytest.raises(BadInput) as info:
-        registry.verify_log()
+    with pytest.raises(VerifyFailed) as info:
+        verify(registry)
     assert str(registry.log_path) in str(info.value)
-    assert "line 3" in str(info.value)
+    assert "line 2" in str(info.value)  # its signature no longer holds (and line 3 no longer chains to it)
 
 
 def test_tampered_first_line_fails_verification(registry):
     add_version(registry, 1)
     raw = registry.log_path.read_bytes()
     registry.log_path.write_bytes(raw.replace(b'"version":"v0000"', b'"version":"v0009"', 1))
-    with pytest.raises(BadInput, match="line 2"):
-        registry.verify_log()
+    with pytest.raises(VerifyFailed, match="line 1: not signed by the coordinator"):
+        verify(registry)
 
 
 def test_removed_log_line_fails_verification(registry):
@@ -113,16 +124,16 @@ def test_removed_log_line_fails_verification(registry):
     add_version(registry, 2)
     lines = registry.log_path.read_bytes().splitlines(keepends=True)
     registry.log_path.write_bytes(lines[0] + lines[2])
-    with pytest.raises(BadInput, match="line 2"):
-        registry.verify_log()
+    with pytest.raises(VerifyFailed, match="line 2: its prev hash is not the sha256 of line 1"):
+        verify(registry)
 
 
 def test_garbled_log_line_is_bad_input(registry):
     add_version(registry, 1)
     lines = registry.log_path.read_bytes().splitlines(keepends=True)
     registry.log_path.write_bytes(lines[0] + b"{not json\n")
-    with pytest.raises(BadInput, match="line 2"):
-        registry.verify_log()
+    with pytest.raises(VerifyFailed, match="line 2"):
+        verify(registry)
 
 
 def test_latest_naming_a_missing_version_is_bad_input(registry):
@@ -134,8 +145,9 @@ def test_latest_naming_a_missing_version_is_bad_input(registry):
 def test_not_a_registry(tmp_path):
     with pytest.raises(BadInput, match="not a registry"):
         Registry(tmp_path).latest_name()
-    assert not Registry(tmp_path).exists()
-    assert Registry(tmp_path).verify_log() == []
+    assert not Registry(tmp_path).exists() and Registry(tmp_path).entries() == []
+    with pytest.raises(BadInput, match="not a registry"):
+        verify_registry(tmp_path)
 
 
 # --- resolve ---------------------------------------------------------------------------------------
@@ -273,9 +285,9 @@ def test_edited_newest_line_or_manifest_fails_verification(registry):
     manifest = registry.root / "v0000" / "manifest.json"
     original = manifest.read_bytes()
     manifest.write_bytes(original.replace(b'"seeded-init"', b'"fedavg"'))
-    with pytest.raises(BadInput, match="does not match"):
-        registry.verify_log()
+    with pytest.raises(VerifyFailed, match="v0000"):
+        verify(registry)
     manifest.write_bytes(original)
-    registry.verify_log()
+    verify(registry)
     (registry.root / "LATEST").write_text("v0000\n")
-    registry.verify_log()
+    verify(registry)
