@@ -169,3 +169,4 @@ def main() -> None:
 from fedtune.cli import site  # noqa: E402,F401,I001
 from fedtune.cli import coordinator  # noqa: E402,F401
 from fedtune.cli import trust  # noqa: E402,F401
+from fedtune.cli import privacy  # noqa: E402,F401
