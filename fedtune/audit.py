@@ -75,6 +75,7 @@ def _history_row(root: Path, number: int, entry: dict) -> dict:
         "rejected": [{"site": r["site"], "reason": r["reason"]} for r in manifest.get("rejected", [])],
         "equivocations": [e["site"] for e in manifest.get("equivocations", [])],
         "rolled_back_to": manifest.get("rolled_back_to"), "reason": manifest.get("reason"),
+        "privacy": manifest.get("privacy") or {"mode": "none"},
     }
 
 
@@ -139,8 +140,10 @@ def rollback(config: FederationConfig, registry: Path, to: str, reason: str, key
                 # The server optimizer's moments return with the adapter they belong to.
                 params = {"server_opt": target.get("params", {}).get("server_opt")}
                 extra = {"server_state_sha256": target["server_state_sha256"]}
+            # Returning to old weights releases nothing new: the privacy spent so far carries over unchanged.
             manifest = global_manifest(
-                config, number, sha, parent=current, parent_sha256=parent["adapter_sha256"], method="rollback",
+                config, number, sha, parent.get("privacy"), parent=current, parent_sha256=parent["adapter_sha256"],
+                method="rollback",
                 params=params, rolled_back_to=to, reason=reason, contributors=[], rejected=[],
                 rank=target.get("rank") or config.lora.r, **extra)
             write_version_manifest(built, manifest, store.key)

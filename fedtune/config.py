@@ -273,6 +273,30 @@ def _unique_names(sites: list) -> list:
     return sites
 
 
+class PrivacySettings(Strict):
+    """Differential privacy of the released versions (site-level DP-FedAvg; ALGORITHMS.md)."""
+
+    mode: Literal["none", "central"] = Field("none", description="none, or central: the coordinator clips each "
+                                             "site's whole delta to clip_norm, sums with fixed weights, adds "
+                                             "N(0, (z·clip_norm)²) to every coordinate and divides by the number "
+                                             "of sites (it sees each update: trust it)")
+    clip_norm: float = Field(0.5, gt=0, description="C: each site's whole delta (all tensors) is clipped to this "
+                             "L2 norm")
+    noise_multiplier: float | None = Field(None, gt=0, description="z: noise std in units of clip_norm; null: init "
+                                           "calibrates it from target_epsilon for `rounds`")
+    target_epsilon: float | None = Field(None, gt=0, description="the budget: no round is merged (or trained for) "
+                                         "once it would take ε past this")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee")
+    rounds: int = Field(10, ge=1, description="planned rounds: what init calibrates the noise for")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="rdp (Rényi DP) or pld (tighter) from dp-accounting")
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> PrivacySettings:
+        if self.mode != "none" and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("give noise_multiplier, or target_epsilon for init to calibrate it")
+        return self
+
+
 class TrainingPlan(Strict):
     """What a federation file and a recipe both set: the adapter's shape and how sites train and merge."""
 
@@ -282,6 +306,17 @@ class TrainingPlan(Strict):
     training: TrainingSettings = TrainingSettings()
     data: DataSettings = DataSettings()
     aggregation: AggregationSettings = AggregationSettings()
+    privacy: PrivacySettings = PrivacySettings()
+
+    @model_validator(mode="after")
+    def _private_methods(self) -> TrainingPlan:
+        if self.privacy.mode != "none":
+            from fedtune.aggregate import method_class  # imported here: fedtune.aggregate imports this module
+
+            if not method_class(self.aggregation.method).sum_only:
+                raise ValueError(f"privacy.mode {self.privacy.mode}: aggregation.method {self.aggregation.method} "
+                                 "would break the sensitivity bound DP is computed from; use fedavg or ffa")
+        return self
 
 
 class FederationConfig(TrainingPlan):

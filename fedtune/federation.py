@@ -16,8 +16,10 @@ from fedtune.wire import VERSION_FORMAT, SigningKey
 from fedtune.wire.version import write_version_manifest
 
 
-def global_manifest(config: FederationConfig, number: int, adapter_sha256: str, **fields) -> dict:
-    """A global version's manifest (wire.VersionManifest); `fields` adds parent, method, contributors, …"""
+def global_manifest(config: FederationConfig, number: int, adapter_sha256: str, privacy: dict | None = None,
+                    **fields) -> dict:
+    """A global version's manifest (wire.VersionManifest); `fields` adds parent, method, contributors, …;
+    `privacy` is what the versions up to this one spent (privacy.central.version_record)."""
     return {
         "format": VERSION_FORMAT,
         "federation": config.name,
@@ -26,7 +28,7 @@ def global_manifest(config: FederationConfig, number: int, adapter_sha256: str, 
         **fields,
         "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
         "lora": config.lora.model_dump(mode="json"),
-        "privacy": {"mechanism": None, "epsilon_spent": None},
+        "privacy": privacy or {"mode": "none"},
         "adapter_sha256": adapter_sha256,
         **stamp(),
     }
@@ -71,6 +73,9 @@ def init_federation(
     coordinator = SigningKey.generate()
     data["coordinator_key"] = coordinator.public
     config = parse_model(FederationConfig, data, "init")
+    from fedtune.privacy.central import calibrated, version_record
+
+    config.privacy = calibrated(config.privacy)
     tokenizer = models.load_tokenizer(weights)
     # The data contract names the token space every site must prepare in.
     config.contract.tokenizer = config.contract.tokenizer or models.tokenizer_fingerprint(tokenizer)
@@ -88,7 +93,7 @@ def init_federation(
             built = registry.root / f".{version_name(0)}.init.tmp"
             built.mkdir()
             sha = write_adapter(built, tensors, config)
-            manifest = global_manifest(config, 0, sha, parent=None, method="seeded-init",
+            manifest = global_manifest(config, 0, sha, version_record(config, 0), parent=None, method="seeded-init",
                                        params={"seed": config.seed}, contributors=[], rejected=[])
             write_version_manifest(built, manifest, coordinator)
             registry.commit(registry.publish(built, version_name(0)), {"roster_sha256": roster_sha256(config)})

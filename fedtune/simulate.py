@@ -28,6 +28,7 @@ from fedtune.evaluate import evaluate
 from fedtune.federation import init_federation
 from fedtune.registry import Registry
 from fedtune.report import write_report
+from fedtune.privacy.central import next_round
 from fedtune.train import train_local
 from fedtune.wire import SigningKey
 from fedtune.wire.update import encode_update, write_update
@@ -103,12 +104,19 @@ def simulate(
     }
     log("eval base: " + _fmt(report["base"]))
     for number in range(1, recipe.rounds + 1):
+        try:
+            next_round(config, read_json(registry.latest() / "manifest.json"), "simulate")
+        except BadInput as spent:
+            report["stopped"] = str(spent)
+            log(f"stopped before round {number}: {spent}")
+            break
         round_dir = train_round(config, prepared, registry.root, out / "updates", attacks, log=log, model_dir=model_dir,
                                 keys=keys)
         result = aggregate_round(config, registry.root, round_dir, warn=log)
         scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
+        epsilon = (read_json(result.folder / "manifest.json").get("privacy") or {}).get("epsilon")
         report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()},
-                                 "rejected": result.rejected})
+                                 "rejected": result.rejected, **({"epsilon": epsilon} if epsilon is not None else {})})
         log(f"eval {result.version}: " + _fmt(report["rounds"][-1]["eval"]))
     if kinds:
         honest = {site: folder for site, folder in prepared.items() if site not in attacks}

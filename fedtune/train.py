@@ -24,6 +24,7 @@ from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.contract import require_contract
 from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput, StageFailed
+from fedtune.privacy.central import next_round
 from fedtune.registry import checked_version, round_dir_name
 from fedtune.wire import UPDATE_FORMAT, SigningKey
 from fedtune.wire.tensors import factor_of, rank_slice
@@ -215,6 +216,7 @@ def compute_update(
     train = parse_model(TrainingSettings, {**config.training.model_dump(), **overrides}, "train-local")
     parent_dir, parent = checked_version(global_ref, config)
     number = parent["round"] + 1
+    next_round(config, parent, "train-local")  # no training for a round the privacy budget cannot pay for
     card, ids, labels = read_prepared(data, config, "train")
     if card["site"] != site:
         raise BadInput(f"{data / 'data_card.json'}: prepared for site '{card['site']}', not '{site}'")

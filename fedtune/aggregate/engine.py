@@ -34,7 +34,8 @@ from fedtune.errors import BadInput, StageFailed
 from fedtune.federation import global_manifest
 from fedtune.registry import Registry, coordinator_signer, version_name
 from fedtune.wire.codec import WireError, pretty_json
-from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, lora_layers, rank_slice
+from fedtune.privacy.central import GaussianNoise, next_round
+from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, factor_of, lora_layers, rank_slice
 from fedtune.wire.version import read_version_manifest, write_version_manifest
 
 ROUND_RE = re.compile(r"^round-(\d{4,})$")
@@ -156,6 +157,7 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     if rule.refactors and not optimizer.plain:
         raise BadInput(f"--server-opt/--server-lr: {rule.name} re-factors the adapter every round, so its factors "
                        "share no basis across rounds for a server optimizer; use fedavg, ffa or a robust rule with it")
+    privacy = next_round(config, parent, str(round_dir))  # a spent budget stops the round before any reading
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
     nonces, hashes = registry.accepted()
     checks = RoundChecks(config, parent, layout, max_bytes=2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20),
@@ -175,16 +177,24 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         )
     rule.check(len(valid))
 
-    counts = [u.num_tokens if settings.weighting == "tokens" else u.num_examples for u in valid]
-    weights = site_weights(counts, rule.weighted and settings.weighting != "uniform", settings.max_weight)
-    scale = clip_factors([u.norm for u in valid], settings.clip_norm) * outlier_factors([u.norm for u in valid],
-                                                                                        settings.norm_bound)
+    noise = None
+    if config.privacy.mode == "central":
+        # DP-FedAvg: fixed weights 1/n over the roster and every delta clipped to C bound one site's influence.
+        roster = len(config.sites)
+        weights = np.full(len(valid), 1.0 / roster)
+        scale = clip_factors([u.norm for u in valid], config.privacy.clip_norm)
+        noise = GaussianNoise(config.privacy.noise_multiplier * config.privacy.clip_norm / roster)
+    else:
+        counts = [u.num_tokens if settings.weighting == "tokens" else u.num_examples for u in valid]
+        weights = site_weights(counts, rule.weighted and settings.weighting != "uniform", settings.max_weight)
+        scale = clip_factors([u.norm for u in valid], settings.clip_norm) * outlier_factors(
+            [u.norm for u in valid], settings.norm_bound)
     for update, factor in zip(valid, scale):
         if factor < 1:
             warn(f"warning: {round_dir / update.folder.name}: norm {update.norm:.4g} clipped by {factor:.3g}")
     record: dict = {}
     merged, state, errors, out_rank = merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale,
-                                                    record=record)
+                                                    record=record, noise=noise)
     check_merged(merged, parent_dir, config)
     # The rules that pick or re-weight whole updates (krum, geomedian, centered-clip) say what they chose.
     coefficients = record.get("coefficients")
@@ -212,7 +222,8 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
             extra["server_state_sha256"] = sha256_file(built / STATE_FILE)
         manifest = global_manifest(
             config, number, sha, parent=parent["version"], parent_sha256=parent["adapter_sha256"], method=rule.name,
-            params=params, quorum=settings.quorum, rank=out_rank, contributors=contributors, rejected=rejected,
+            privacy=privacy, params=params, quorum=settings.quorum, rank=out_rank, contributors=contributors,
+            rejected=rejected,
             equivocations=equivocations, reconstruction_error=error_summary, **extra,
         )
         write_version_manifest(built, manifest, registry.key)
@@ -271,6 +282,7 @@ def merge_updates(
     weights: np.ndarray,
     scale: np.ndarray,
     record: dict | None = None,
+    noise: GaussianNoise | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float] | None, int]:
     """The streaming merge of validated updates: (new adapter tensors, server state, per-layer
     reconstruction errors or None, the new version's rank).
@@ -288,9 +300,11 @@ def merge_updates(
             merged, errors = _merge_products(rule, reader, base, layout, valid, weights, config, out_rank)
             return merged, {}, errors, out_rank
         state = _server_state(parent_dir, parent, optimizer)
-        merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank, record)
+        merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank, record, noise)
         errors = None
-        if rule.sum_only and optimizer.plain:
+        if noise is not None:
+            errors = {"skipped": "not measured under differential privacy"}
+        elif rule.sum_only and optimizer.plain:
             cost = _averaging_error_cost(layout, valid, rank)
             if settings.report_error or (settings.report_error is None and cost <= ERROR_BUDGET_FLOPS):
                 errors = _averaging_error(reader, base, layout, valid, weights, merged, config)
@@ -299,7 +313,8 @@ def merge_updates(
         return merged, state, errors, rank
 
 
-def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, optimizer, state, rank, record=None) -> dict:
+def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, optimizer, state, rank, record=None,
+                   noise: GaussianNoise | None = None) -> dict:
     """Averaging and coordinate-wise rules: new = parent (at the federation's rank) + step(merged delta)."""
     weights_t = torch.from_numpy(weights)
     sums = None
@@ -319,6 +334,8 @@ def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, opt
         else:
             assert isinstance(rule, CoordinateMethod)
             delta = rule.combine(reader.stacked(key, tuple(parent_tensor.shape)), weights_t, index)
+        if noise is not None and (rule.trains == "AB" or factor_of(key) != "A"):
+            noise.add_(delta)  # a frozen factor (ffa's A) is not released from the sites' data: no noise
         step = optimizer.step(key, delta, state)
         merged[key] = (parent_tensor.to(torch.float32) + step).to(parent_tensor.dtype)
     return merged

@@ -227,6 +227,10 @@ def _history_cells(row: dict) -> list[str]:
     if row.get("rolled_back_to"):
         notes.append(f"rolled back to {row['rolled_back_to']}: {printable(row.get('reason'), 200)}")
     notes += [f"equivocation: {site}" for site in row["equivocations"]]
+    privacy = row.get("privacy") or {}
+    if privacy.get("mode", "none") != "none":
+        notes.append(f"ε {privacy['epsilon']:.3f} at δ {privacy['delta']:g} ({privacy['mode']} DP, "
+                     f"{privacy['rounds_accounted']} round(s))")
     return [str(row["version"]), str(row["round"]), created, method, contributors, rejected, "; ".join(notes)]
 
 

@@ -129,8 +129,17 @@ class LoraShape(Wire):
 
 
 class VersionPrivacy(Wire):
-    mechanism: Text | None = None
-    epsilon_spent: float | None = None
+    """The differential privacy spent up to a version (mode none: nothing is claimed)."""
+
+    mode: Literal["none", "central"] = "none"
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    delta: float | None = None
+    accountant: Literal["rdp", "pld"] | None = None
+    rounds_accounted: int | None = Field(None, ge=0)
+    epsilon: float | None = Field(None, ge=0)
+    target_epsilon: float | None = None
 
 
 class VersionManifest(Wire):

@@ -1,0 +1,76 @@
+"""Central site-level DP-FedAvg (McMahan et al. 2018): the coordinator clips each site's whole delta to C,
+sums with fixed weights 1/n (n: the roster's size, the expected number of sites — self-reported sizes would
+break the sensitivity bound), and adds N(0, (zC/n)²) to every coordinate of that average.
+
+The noise is drawn from a generator seeded from the operating system's random source; the seed is never
+written anywhere, so nobody can subtract the noise again. Every version records what its round spent.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from fedtune.config import FederationConfig, PrivacySettings
+from fedtune.errors import BadInput
+from fedtune.privacy.accountant import epsilon, noise_multiplier
+
+
+def calibrated(settings: PrivacySettings) -> PrivacySettings:
+    """The settings with z filled in from target_epsilon for the planned rounds (init), or checked against it."""
+    if settings.mode == "none":
+        return settings
+    if settings.noise_multiplier is None:
+        z = noise_multiplier(settings.target_epsilon, 1.0, settings.rounds, settings.delta, settings.accountant)
+        return settings.model_copy(update={"noise_multiplier": round(z, 6) + 1e-6})
+    if settings.target_epsilon is not None:
+        spent = epsilon(settings.noise_multiplier, 1.0, settings.rounds, settings.delta, settings.accountant)
+        if spent > settings.target_epsilon:
+            raise BadInput(f"privacy: noise_multiplier {settings.noise_multiplier} spends ε {spent:.4f} over "
+                           f"{settings.rounds} rounds, past target_epsilon {settings.target_epsilon}; raise it, or "
+                           "leave it out for init to calibrate")
+    return settings
+
+
+def version_record(config: FederationConfig, rounds_accounted: int) -> dict:
+    """What a global version's manifest says about the privacy spent up to it."""
+    settings = config.privacy
+    if settings.mode == "none":
+        return {"mode": "none"}
+    return {
+        "mode": settings.mode, "clip_norm": settings.clip_norm, "noise_multiplier": settings.noise_multiplier,
+        "sample_rate": 1.0, "delta": settings.delta, "accountant": settings.accountant,
+        "rounds_accounted": rounds_accounted,
+        "epsilon": epsilon(settings.noise_multiplier, 1.0, rounds_accounted, settings.delta, settings.accountant)
+        if rounds_accounted else 0.0,
+        "target_epsilon": settings.target_epsilon,
+    }
+
+
+def next_round(config: FederationConfig, parent: dict, source: str) -> dict:
+    """The privacy record of the version the next round makes; BadInput when it would exceed the budget."""
+    if config.privacy.mode == "none":
+        return version_record(config, 0)
+    before = (parent.get("privacy") or {}).get("rounds_accounted") or 0
+    record = version_record(config, before + 1)
+    target = config.privacy.target_epsilon
+    if target is not None and record["epsilon"] > target:
+        raise BadInput(f"{source}: the privacy budget is spent — round {parent['round'] + 1} would take ε to "
+                       f"{record['epsilon']:.4f}, past privacy.target_epsilon {target} (δ {config.privacy.delta}); "
+                       f"{parent['version']} stays the federation's last version")
+    return record
+
+
+class GaussianNoise:
+    """N(0, std²) noise from a generator seeded by the operating system, its seed never kept."""
+
+    def __init__(self, std: float):
+        import torch
+
+        self.std = std
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def add_(self, tensor):
+        import torch
+
+        tensor.add_(torch.randn(tensor.shape, generator=self.generator, dtype=torch.float32), alpha=self.std)
+        return tensor
