@@ -214,3 +214,19 @@ def test_simulate_refuses_unknown_baseline_and_method(tmp_path, tiny_model, site
         code, _, stderr = run_cli(["simulate", recipe, "--out", tmp_path / "run", *extra], capsys)
         assert code == 2 and stderr.count("\n") == 1 and message in stderr, stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_simulate_with_central_dp_reports_epsilon_and_stops_at_the_budget(tmp_path, tiny_model, site_files):
+    """Planned for 2 rounds at ε ≤ 4, a 3-round recipe runs 2, records ε per version and says why it stopped."""
+    from fedtune.privacy.accountant import epsilon
+    from fedtune.simulate import simulate
+
+    recipe = _recipe_file(tmp_path, tiny_model, site_files, "private", rounds=3,
+                          privacy={"mode": "central", "clip_norm": 0.05, "target_epsilon": 4.0, "rounds": 2})
+    report = simulate(recipe, tmp_path / "run")
+    assert [r["version"] for r in report["rounds"]] == ["v0001", "v0002"]
+    z = json.loads((tmp_path / "run" / "registry" / "v0002" / "manifest.json").read_text())["privacy"]["noise_multiplier"]
+    assert [r["epsilon"] for r in report["rounds"]] == pytest.approx([epsilon(z, 1.0, n, 1e-5) for n in (1, 2)])
+    assert report["rounds"][-1]["epsilon"] <= 4.0
+    assert "the privacy budget is spent — round 3 would take ε to" in report["stopped"]
+    assert not (tmp_path / "run" / "updates" / "round-0003").exists()
