@@ -276,10 +276,11 @@ def _unique_names(sites: list) -> list:
 class PrivacySettings(Strict):
     """Differential privacy of the released versions (site-level DP-FedAvg; ALGORITHMS.md)."""
 
-    mode: Literal["none", "central"] = Field("none", description="none, or central: the coordinator clips each "
-                                             "site's whole delta to clip_norm, sums with fixed weights, adds "
-                                             "N(0, (z·clip_norm)²) to every coordinate and divides by the number "
-                                             "of sites (it sees each update: trust it)")
+    mode: Literal["none", "central", "distributed"] = Field(
+        "none", description="none; central: the coordinator clips each site's whole delta to clip_norm, sums with "
+        "fixed weights, adds N(0, (z·clip_norm)²) to every coordinate and divides by the number of sites (it sees "
+        "each update: trust it); distributed: each site clips its own delta and adds N(0, (z·clip_norm)²/quorum), so "
+        "any quorum of updates carries the full noise, and the coordinator only averages")
     clip_norm: float = Field(0.5, gt=0, description="C: each site's whole delta (all tensors) is clipped to this "
                              "L2 norm")
     noise_multiplier: float | None = Field(None, gt=0, description="z: noise std in units of clip_norm; null: init "

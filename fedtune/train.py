@@ -24,7 +24,7 @@ from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.contract import require_contract
 from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput, StageFailed
-from fedtune.privacy.central import next_round
+from fedtune.privacy.central import next_round, privatize_update
 from fedtune.registry import checked_version, round_dir_name
 from fedtune.wire import UPDATE_FORMAT, SigningKey
 from fedtune.wire.tensors import factor_of, rank_slice
@@ -251,6 +251,7 @@ def compute_update(
     local = get_peft_model_state_dict(result.model, save_embedding_layers=False)
     sent = [k for k in parent_tensors if trained == "AB" or factor_of(k) != "A"]
     delta = {k: (local[k].detach().float().cpu() - parent_tensors[k].float()).contiguous() for k in sent}
+    privacy = privatize_update(config, delta)  # distributed DP: clipped and noised before it leaves the site
     fields = {
         "format": UPDATE_FORMAT,
         "site": site,
@@ -266,6 +267,6 @@ def compute_update(
             "loss_first": losses[0], "loss_last": losses[-1], "seconds": round(seconds, 3),
             "tokens_per_second": round(result.tokens_per_second, 1),
         },
-        "privacy": {"mechanism": None},
+        "privacy": privacy,
     }
     return ComputedUpdate(site, number, delta, fields, adapter_config(config, rank))

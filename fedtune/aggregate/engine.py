@@ -184,6 +184,9 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         weights = np.full(len(valid), 1.0 / roster)
         scale = clip_factors([u.norm for u in valid], config.privacy.clip_norm)
         noise = GaussianNoise(config.privacy.noise_multiplier * config.privacy.clip_norm / roster)
+    elif config.privacy.mode == "distributed":
+        # The sites clipped and noised their own deltas (checked below): the coordinator only averages.
+        weights, scale = np.full(len(valid), 1.0 / len(config.sites)), np.ones(len(valid))
     else:
         counts = [u.num_tokens if settings.weighting == "tokens" else u.num_examples for u in valid]
         weights = site_weights(counts, rule.weighted and settings.weighting != "uniform", settings.max_weight)

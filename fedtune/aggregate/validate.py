@@ -185,6 +185,14 @@ def check_lineage(envelope: Envelope, checks: RoundChecks) -> None:
     if (lora.r, lora.alpha, lora.target_modules) != (rank, config.lora.alpha, config.lora.target_modules):
         raise Rejected(f"manifest.json: LoRA settings (r {lora.r}, alpha {lora.alpha}) differ from the federation's "
                        f"(r {rank} for this site, alpha {config.lora.alpha}, target_modules {config.lora.target_modules})")
+    if config.privacy.mode == "distributed":
+        from fedtune.privacy.central import site_noise_std
+
+        record, std = manifest.privacy, site_noise_std(config)
+        if (record.mechanism != "distributed" or record.clip_norm != config.privacy.clip_norm
+                or record.noise_std is None or abs(record.noise_std - std) > 1e-9 * std):
+            raise Rejected(f"manifest.json: privacy is {record.model_dump()}, but this federation's distributed DP "
+                           f"needs each update clipped to {config.privacy.clip_norm} and noised with std {std:.6g}")
     if manifest.trained != checks.trains:
         if checks.trains == "B":
             raise Rejected("trained A as well, but ffa needs A frozen: set aggregation.method: ffa in federation.yaml "

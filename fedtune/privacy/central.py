@@ -1,6 +1,10 @@
-"""Central site-level DP-FedAvg (McMahan et al. 2018): the coordinator clips each site's whole delta to C,
-sums with fixed weights 1/n (n: the roster's size, the expected number of sites — self-reported sizes would
-break the sensitivity bound), and adds N(0, (zC/n)²) to every coordinate of that average.
+"""Site-level DP-FedAvg (McMahan et al. 2018): each site's whole delta is clipped to C, the deltas are averaged
+with fixed weights 1/n (n: the roster's size, the expected number of sites — self-reported sizes would break
+the sensitivity bound), and the average carries N(0, (zC/n)²) on every coordinate.
+
+central: the coordinator clips and adds the noise. distributed: each site clips its own delta and adds
+N(0, (zC)²/m), m being the quorum, so the sum of any m or more updates carries at least N(0, (zC)²) — with
+secure aggregation nobody ever sees a less noisy value; the coordinator only averages.
 
 The noise is drawn from a generator seeded from the operating system's random source; the seed is never
 written anywhere, so nobody can subtract the noise again. Every version records what its round spent.
@@ -74,3 +78,27 @@ class GaussianNoise:
 
         tensor.add_(torch.randn(tensor.shape, generator=self.generator, dtype=torch.float32), alpha=self.std)
         return tensor
+
+
+def site_noise_std(config: FederationConfig) -> float:
+    """The std of the noise each site adds in distributed mode: zC/√m, m the quorum."""
+    settings = config.privacy
+    return settings.noise_multiplier * settings.clip_norm / config.aggregation.quorum ** 0.5
+
+
+def privatize_update(config: FederationConfig, delta: dict) -> dict:
+    """Distributed DP at the site: clip the whole delta to C, then add this site's share of the noise (in place).
+    Returns the update manifest's privacy record."""
+    import torch
+
+    settings = config.privacy
+    if settings.mode != "distributed":
+        return {"mechanism": None}
+    norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in delta.values())))
+    scale = min(1.0, settings.clip_norm / max(norm, 1e-30))
+    std = site_noise_std(config)
+    noise = GaussianNoise(std)
+    for key in sorted(delta):
+        delta[key].mul_(scale)
+        noise.add_(delta[key])
+    return {"mechanism": "distributed", "clip_norm": settings.clip_norm, "noise_std": std}

@@ -74,7 +74,11 @@ class TrainRecord(Wire):
 
 
 class PrivacyRecord(Wire):
-    mechanism: Text | None = None
+    """What a site did for privacy before sending (distributed DP: clipped to clip_norm, then noise of noise_std)."""
+
+    mechanism: Literal["distributed"] | None = None
+    clip_norm: Real | None = None
+    noise_std: Real | None = None
 
 
 class UpdateManifest(Wire):
@@ -131,7 +135,7 @@ class LoraShape(Wire):
 class VersionPrivacy(Wire):
     """The differential privacy spent up to a version (mode none: nothing is claimed)."""
 
-    mode: Literal["none", "central"] = "none"
+    mode: Literal["none", "central", "distributed"] = "none"
     clip_norm: float | None = None
     noise_multiplier: float | None = None
     sample_rate: float | None = None

@@ -133,3 +133,45 @@ def test_ffa_under_dp_leaves_the_frozen_factor_untouched(tiny_model, tmp_path):
     assert a_keys and all(torch.equal(merged[k], parent[k]) for k in a_keys)
     assert any(not torch.equal(merged[k], parent[k]) for k in parent if "lora_B" in k)
     assert np.isfinite(fedkit.read_manifest(result.folder)["privacy"]["epsilon"])
+
+
+def test_distributed_dp_each_site_clips_and_adds_its_share_of_the_noise(tiny_model, tmp_path):
+    """Training is seeded, so a site's update in a federation without DP is the same delta before clipping and
+    noise: the distributed update minus the clipped plain one is the site's noise, of std zC/√quorum."""
+    plain = fedkit.build_world(tmp_path / "plain", tiny_model,
+                               overrides={"lora": {"r": 32, "alpha": 64, "target_modules": "all-linear"}})
+    private = fedkit.build_world(tmp_path / "private", tiny_model, overrides={
+        "lora": {"r": 32, "alpha": 64, "target_modules": "all-linear"},
+        "privacy": {"mode": "distributed", "clip_norm": 0.05, "noise_multiplier": 2.0}})
+    quorum = private.config.aggregation.quorum
+    residuals = []
+    for site in SITES:
+        before = fedkit.load_tensors(plain.round1 / site)
+        norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in before.values())))
+        clipped = {k: v.double() * min(1.0, 0.05 / norm) for k, v in before.items()}
+        sent = fedkit.load_tensors(private.round1 / site)
+        residuals += [(sent[k].double() - clipped[k]).flatten() for k in clipped]
+        record = fedkit.read_manifest(private.round1 / site)["privacy"]
+        assert record == {"mechanism": "distributed", "clip_norm": 0.05, "noise_std": pytest.approx(2.0 * 0.05 / quorum ** 0.5)}
+    noise = torch.cat(residuals)
+    assert noise.numel() > 50_000
+    assert float(noise.std()) == pytest.approx(2.0 * 0.05 / quorum ** 0.5, rel=0.02)
+
+    # The coordinator only averages (fixed 1/n), and records the ε of z for the round.
+    result = aggregate_round(private.config, private.registry, private.round1)
+    parent = load_file(str(private.registry / "v0000" / ADAPTER))
+    merged = load_file(str(result.folder / ADAPTER))
+    sums = {k: parent[k].double() + sum(fedkit.load_tensors(private.round1 / s)[k].double() for s in SITES) / 3
+            for k in parent}
+    for key in parent:
+        torch.testing.assert_close(merged[key].double(), sums[key], atol=1e-6, rtol=0)
+    assert fedkit.read_manifest(result.folder)["privacy"]["epsilon"] == pytest.approx(epsilon(2.0, 1.0, 1, 1e-5))
+
+
+def test_distributed_dp_rejects_an_update_sent_without_its_noise(tiny_model, tmp_path):
+    world = fedkit.build_world(tmp_path, tiny_model, overrides={
+        "privacy": {"mode": "distributed", "clip_norm": 0.05, "noise_multiplier": 1.0}})
+    fedkit.forge_update(world.round1 / "dev", privacy={"mechanism": None})
+    result = aggregate_round(world.config, world.registry, world.round1)
+    assert [r["site"] for r in result.rejected] == ["dev"]
+    assert "this federation's distributed DP needs each update clipped to 0.05" in result.rejected[0]["reason"]
