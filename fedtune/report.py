@@ -28,7 +28,14 @@ def write_report(folder: Path, report: dict) -> tuple[Path, Path]:
     ax.set_ylabel("eval loss (token-weighted)")
     ax.set_title(report.get("name", "federation"))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
+    spent = [r.get("epsilon") for r in report["rounds"]]
+    if spent and all(e is not None for e in spent):
+        # Under differential privacy, the ε spent up to each version beside the loss it bought.
+        budget = ax.twinx()
+        budget.plot(rounds, [0.0] + spent, color="black", linestyle="--", marker="s", label="ε spent")
+        budget.set_ylabel("ε spent (δ as in federation.yaml)")
+        budget.legend(loc="lower left")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -44,7 +51,11 @@ def report_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """
     sites = list(report["base"])
     rows = [["base"] + [f"{report['base'][s]:.4f}" for s in sites]]
-    rows += [[r["version"]] + [f"{r['eval'][s]:.4f}" for s in sites] for r in report["rounds"]]
+    private = bool(report["rounds"]) and all("epsilon" in r for r in report["rounds"])
+    rows += [[r["version"]] + [f"{r['eval'][s]:.4f}" for s in sites] + ([f"{r['epsilon']:.3f}"] if private else [])
+             for r in report["rounds"]]
+    if private:
+        rows[0].append("0")
     for kind, losses in report.get("baselines", {}).items():
-        rows.append([kind] + [f"{losses[s]:.4f}" if s in losses else "-" for s in sites])
-    return ["version", *sites], rows
+        rows.append([kind] + [f"{losses[s]:.4f}" if s in losses else "-" for s in sites] + (["-"] if private else []))
+    return ["version", *sites] + (["ε"] if private else []), rows

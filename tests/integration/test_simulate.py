@@ -230,3 +230,8 @@ def test_simulate_with_central_dp_reports_epsilon_and_stops_at_the_budget(tmp_pa
     assert report["rounds"][-1]["epsilon"] <= 4.0
     assert "the privacy budget is spent — round 3 would take ε to" in report["stopped"]
     assert not (tmp_path / "run" / "updates" / "round-0003").exists()
+    from fedtune.report import report_rows
+
+    header, rows = report_rows(report)
+    assert header[-1] == "ε" and [row[-1] for row in rows] == ["0"] + [f"{r['epsilon']:.3f}" for r in report["rounds"]]
+    assert (tmp_path / "run" / "report.png").stat().st_size > 0
