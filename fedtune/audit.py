@@ -22,8 +22,7 @@ from fedtune.registry import (
     version_name,
     version_number,
 )
-from fedtune.verify import LOG_FILE, log_lines, verify_registry, verify_version
-from fedtune.wire.codec import WireError, parse_json
+from fedtune.verify import verify_registry, verify_version
 from fedtune.wire.keys import read_public_file
 from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE
 from fedtune.wire.update import MANIFEST_FILE
@@ -44,15 +43,11 @@ def history(registry: Path, site: str | None = None) -> list[dict]:
     "created"}.
     """
     root = Path(registry)
-    lines, _torn = log_lines(root)
+    store = Registry(root)
+    if not store.log_path.is_file():
+        raise BadInput(f"{root}: not a registry (no {store.log_path.name}); create one with `fedtune init`")
     rows = []
-    for number, raw in enumerate(lines, start=1):
-        try:
-            entry = parse_json(raw, f"{root / LOG_FILE} line {number}")
-        except WireError as err:
-            raise BadInput(f"{err} (the log was edited; run `fedtune verify --registry {root}`)") from None
-        if not isinstance(entry, dict):
-            raise BadInput(f"{root / LOG_FILE}: line {number} is not a JSON object (run `fedtune verify`)")
+    for number, entry in enumerate(store.entries(), start=1):
         row = _history_row(root, number, entry)
         if site is None or _concerns(row, site):
             rows.append(row)

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import BadInput
+from fedtune.methods import METHODS, SUM_ONLY
 from fedtune.wire.keys import PUBLIC_KEY_RE
 from fedtune.wire.manifests import RosterEntry
 
@@ -244,8 +245,6 @@ class AggregationSettings(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from fedtune.aggregate import METHODS  # imported here: fedtune.aggregate imports this module
-
         if value not in METHODS:
             raise ValueError(f"unknown method '{value}'; choose one of {', '.join(METHODS)}")
         return value
@@ -312,9 +311,7 @@ class TrainingPlan(Strict):
     @model_validator(mode="after")
     def _private_methods(self) -> TrainingPlan:
         if self.privacy.mode != "none":
-            from fedtune.aggregate import method_class  # imported here: fedtune.aggregate imports this module
-
-            if not method_class(self.aggregation.method).sum_only:
+            if self.aggregation.method not in SUM_ONLY:
                 raise ValueError(f"privacy.mode {self.privacy.mode}: aggregation.method {self.aggregation.method} "
                                  "would break the sensitivity bound DP is computed from; use fedavg or ffa")
         return self

@@ -19,7 +19,7 @@ from fedtune.wire.version import write_version_manifest
 def global_manifest(config: FederationConfig, number: int, adapter_sha256: str, privacy: dict | None = None,
                     **fields) -> dict:
     """A global version's manifest (wire.VersionManifest); `fields` adds parent, method, contributors, …;
-    `privacy` is what the versions up to this one spent (privacy.central.version_record)."""
+    `privacy` is what the versions up to this one spent (privacy.dp_fedavg.version_record)."""
     return {
         "format": VERSION_FORMAT,
         "federation": config.name,
@@ -73,7 +73,7 @@ def init_federation(
     coordinator = SigningKey.generate()
     data["coordinator_key"] = coordinator.public
     config = parse_model(FederationConfig, data, "init")
-    from fedtune.privacy.central import calibrated, version_record
+    from fedtune.privacy.dp_fedavg import calibrated, version_record
 
     config.privacy = calibrated(config.privacy)
     tokenizer = models.load_tokenizer(weights)

@@ -261,9 +261,13 @@ class Registry:
         return True
 
     def entries(self) -> list[dict]:
-        """The log's entries, parsed (verify() checks their chain and signatures)."""
+        """The log's committed entries, parsed (`fedtune verify` checks their chain and signatures). A last line
+        without its newline was never committed (recover() cuts it) and is left out."""
         out = []
-        for number, raw in enumerate(self._lines(), start=1):
+        lines = self._lines()
+        if lines and not lines[-1].endswith(b"\n"):
+            lines = lines[:-1]
+        for number, raw in enumerate(lines, start=1):
             try:
                 entry = parse_json(raw, f"{self.log_path} line {number}")
             except WireError as err:

@@ -28,7 +28,7 @@ from fedtune.evaluate import evaluate
 from fedtune.federation import init_federation
 from fedtune.registry import Registry
 from fedtune.report import write_report
-from fedtune.privacy.central import next_round
+from fedtune.privacy.dp_fedavg import next_round
 from fedtune.train import train_local
 from fedtune.wire import SigningKey
 from fedtune.wire.update import encode_update, write_update

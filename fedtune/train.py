@@ -24,7 +24,7 @@ from fedtune.config import FederationConfig, TrainingSettings, parse_model
 from fedtune.data.contract import require_contract
 from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput, StageFailed
-from fedtune.privacy.central import next_round, privatize_update
+from fedtune.privacy.dp_fedavg import next_round, privatize_update
 from fedtune.registry import checked_version, round_dir_name
 from fedtune.wire import UPDATE_FORMAT, SigningKey
 from fedtune.wire.tensors import factor_of, rank_slice

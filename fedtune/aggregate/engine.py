@@ -34,7 +34,7 @@ from fedtune.errors import BadInput, StageFailed
 from fedtune.federation import global_manifest
 from fedtune.registry import Registry, coordinator_signer, version_name
 from fedtune.wire.codec import WireError, pretty_json
-from fedtune.privacy.central import GaussianNoise, next_round
+from fedtune.privacy.dp_fedavg import GaussianNoise, next_round
 from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, factor_of, lora_layers, rank_slice
 from fedtune.wire.version import read_version_manifest, write_version_manifest
 

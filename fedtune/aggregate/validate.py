@@ -186,7 +186,7 @@ def check_lineage(envelope: Envelope, checks: RoundChecks) -> None:
         raise Rejected(f"manifest.json: LoRA settings (r {lora.r}, alpha {lora.alpha}) differ from the federation's "
                        f"(r {rank} for this site, alpha {config.lora.alpha}, target_modules {config.lora.target_modules})")
     if config.privacy.mode == "distributed":
-        from fedtune.privacy.central import site_noise_std
+        from fedtune.privacy.dp_fedavg import site_noise_std
 
         record, std = manifest.privacy, site_noise_std(config)
         if (record.mechanism != "distributed" or record.clip_norm != config.privacy.clip_norm

@@ -241,3 +241,11 @@ def test_shipped_recipes_are_valid_and_their_inputs_exist():
             for item in site.inputs:
                 source = folder / item
                 assert source.is_file(), f"{path}: site {site.name} names {item}, which does not exist"
+
+
+def test_the_sum_only_list_agrees_with_the_methods_own_capabilities():
+    """config checks privacy against fedtune.methods.SUM_ONLY (plain data); the classes declare `sum_only`."""
+    from fedtune.aggregate import method_class
+    from fedtune.methods import METHODS, SUM_ONLY
+
+    assert set(SUM_ONLY) == {name for name in METHODS if method_class(name).sum_only}
