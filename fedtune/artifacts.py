@@ -47,12 +47,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, *, private: bool = False) -> None:
+    """Write `data` to `path` all at once or not at all. `private` keeps the file readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp creates 0600; artifacts are shared files, so give them the usual permissions.
-        os.fchmod(fd, 0o666 & ~_umask())
+        if not private:  # mkstemp creates 0600; artifacts are shared files, so give them the usual permissions.
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -83,12 +84,13 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
+def atomic_folder(final: Path, replace: bool = False, private: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; on success it is renamed to `final`.
 
     Args:
         final: where the finished folder must appear.
         replace: swap out an existing folder instead of refusing.
+        private: names of files that keep the owner-only mode they were written with (secrets, a ledger).
     """
     if final.exists() and not replace:
         raise BadInput(f"{final}: already exists; remove it or write somewhere else")
@@ -99,7 +101,8 @@ def atomic_folder(final: Path, replace: bool = False) -> Iterator[Path]:
         yield tmp
         for child in tmp.iterdir():
             if child.is_file():
-                os.chmod(child, 0o666 & ~_umask())
+                if child.name not in private:
+                    os.chmod(child, 0o666 & ~_umask())
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
         if final.exists():

@@ -272,14 +272,28 @@ def _unique_names(sites: list) -> list:
     return sites
 
 
-class PrivacySettings(Strict):
-    """Differential privacy of the released versions (site-level DP-FedAvg; ALGORITHMS.md)."""
+class LocalPrivacy(Strict):
+    """Record-level DP-SGD inside train-local (privacy.mode local): each site's own guarantee for its records."""
 
-    mode: Literal["none", "central", "distributed"] = Field(
+    example_clip_norm: float = Field(1.0, gt=0, description="each record's gradient (all LoRA weights together) is "
+                                     "clipped to this L2 norm")
+    noise_multiplier: float | None = Field(None, gt=0, description="z: the noise std added to each step's summed "
+                                           "gradient, in units of example_clip_norm; null: the site calibrates it from "
+                                           "target_epsilon for privacy.rounds rounds on its first round")
+    target_epsilon: float | None = Field(None, gt=0, description="each site's record-level budget: a site refuses to "
+                                         "train a round that would take its ε past this")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of each site's (ε, δ) guarantee")
+
+
+class PrivacySettings(Strict):
+    """Differential privacy of the released versions (DP-FedAvg and DP-SGD; ALGORITHMS.md)."""
+
+    mode: Literal["none", "central", "distributed", "local"] = Field(
         "none", description="none; central: the coordinator clips each site's whole delta to clip_norm, sums with "
-        "fixed weights, adds N(0, (z·clip_norm)²) to every coordinate and divides by the number of sites (it sees "
-        "each update: trust it); distributed: each site clips its own delta and adds N(0, (z·clip_norm)²/quorum), so "
-        "any quorum of updates carries the full noise, and the coordinator only averages")
+        "fixed weights, adds N(0, (z·clip_norm)²) to every coordinate and divides by the expected number of sites (it "
+        "sees each update: trust it); distributed: each site clips its own delta and adds N(0, (z·clip_norm)²/quorum), "
+        "so any quorum of updates carries the full noise, and the coordinator only averages; local: each site trains "
+        "with DP-SGD (privacy.local) and its records are protected whatever the coordinator does")
     clip_norm: float = Field(0.5, gt=0, description="C: each site's whole delta (all tensors) is clipped to this "
                              "L2 norm")
     noise_multiplier: float | None = Field(None, gt=0, description="z: noise std in units of clip_norm; null: init "
@@ -288,12 +302,21 @@ class PrivacySettings(Strict):
                                          "once it would take ε past this")
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee")
     rounds: int = Field(10, ge=1, description="planned rounds: what init calibrates the noise for")
+    sample_rate: float = Field(1.0, gt=0, le=1, description="q: each site takes part in a round with probability q "
+                               "(Poisson, drawn by the coordinator); 1: every site every round")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="rdp (Rényi DP) or pld (tighter) from dp-accounting")
+    local: LocalPrivacy = LocalPrivacy()
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> PrivacySettings:
-        if self.mode != "none" and self.noise_multiplier is None and self.target_epsilon is None:
+        if self.mode in ("central", "distributed") and self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("give noise_multiplier, or target_epsilon for init to calibrate it")
+        if self.sample_rate < 1 and self.mode != "central":
+            # distributed: each site's share of the noise assumes a quorum reports, and holding a round until one
+            # does would condition the draw the accountant counts on; local: each site accounts its own records.
+            raise ValueError(f"sample_rate {self.sample_rate}: site sampling is accounted for in mode central only")
+        if self.mode == "local" and self.local.noise_multiplier is None and self.local.target_epsilon is None:
+            raise ValueError("local: give noise_multiplier, or target_epsilon for each site to calibrate it")
         return self
 
 
@@ -310,7 +333,9 @@ class TrainingPlan(Strict):
 
     @model_validator(mode="after")
     def _private_methods(self) -> TrainingPlan:
-        if self.privacy.mode != "none":
+        # Local DP protects records inside each site; whatever the coordinator does with the updates after is
+        # post-processing, so only the site-level modes constrain the merge.
+        if self.privacy.mode in ("central", "distributed"):
             if self.aggregation.method not in SUM_ONLY:
                 raise ValueError(f"privacy.mode {self.privacy.mode}: aggregation.method {self.aggregation.method} "
                                  "would break the sensitivity bound DP is computed from; use fedavg or ffa")
@@ -379,12 +404,20 @@ class RecipeSite(Strict):
     attack: Attack | None = None
 
 
+class RecipeCanaries(Strict):
+    """Secret records every simulated site plants in its training split (`prepare --canaries`), for the audit."""
+
+    count: int = Field(0, ge=0, le=10_000, description="canaries per site")
+    repeats: int = Field(1, ge=1, le=1_000, description="times each canary is planted")
+
+
 class Recipe(TrainingPlan):
     """A whole federation to run on one machine with `fedtune simulate`."""
 
     name: str = "simulation"
     model: str = DEFAULT_MODEL
     rounds: int = Field(3, ge=1)
+    canaries: RecipeCanaries = RecipeCanaries()
     sites: list[RecipeSite] = Field(min_length=2)
 
     _unique_sites = field_validator("sites")(_unique_names)

@@ -23,3 +23,8 @@ class VerifyFailed(FedtuneError):
     """`fedtune verify` found a file or log line that is not what the registry's signatures and hashes say."""
 
     exit_code = 1
+
+
+class BudgetSpent(BadInput):
+    """The privacy budget cannot pay for another round: the coordinator's (central, distributed) or a site's
+    own ledger (local). `simulate` stops there; the CLI exits 2 like any refused input."""

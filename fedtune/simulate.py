@@ -23,12 +23,13 @@ from fedtune.baselines import parse_baselines, run_baselines
 from fedtune.config import Attack, FederationConfig, load_recipe
 from fedtune.data import prepare_site
 from fedtune.data.sources import check_input
-from fedtune.errors import BadInput
+from fedtune.errors import BadInput, BudgetSpent
 from fedtune.evaluate import evaluate
 from fedtune.federation import init_federation
-from fedtune.registry import Registry
+from fedtune.registry import Registry, round_dir_name
 from fedtune.report import write_report
 from fedtune.privacy.dp_fedavg import next_round
+from fedtune.privacy.sampling import draw_sample, sampling
 from fedtune.train import train_local
 from fedtune.wire import SigningKey
 from fedtune.wire.update import encode_update, write_update
@@ -91,7 +92,8 @@ def simulate(
     prepared = {}
     for site, paths in inputs.items():
         prepared[site] = out / "prepared" / site
-        prepare_site(config, site, paths, prepared[site], log=log, model_dir=model_dir)
+        prepare_site(config, site, paths, prepared[site], log=log, model_dir=model_dir,
+                     canaries=recipe.canaries.count, canary_repeats=recipe.canaries.repeats)
     registry = Registry(out / "registry")
     data_dirs = list(prepared.values())
 
@@ -106,12 +108,17 @@ def simulate(
     for number in range(1, recipe.rounds + 1):
         try:
             next_round(config, read_json(registry.latest() / "manifest.json"), "simulate")
-        except BadInput as spent:
+            called = prepared
+            if sampling(config):
+                drawn = draw_sample(config, registry.root, out / "updates")["sites"]
+                called = {site: folder for site, folder in prepared.items() if site in drawn}
+                log(f"round {number}: sample drew {', '.join(drawn) or 'no site'} (q {config.privacy.sample_rate})")
+            round_dir = train_round(config, called, registry.root, out / "updates", attacks, log=log,
+                                    model_dir=model_dir, keys=keys, number=number)
+        except BudgetSpent as spent:  # the coordinator's budget, or a site's own ledger under local DP
             report["stopped"] = str(spent)
             log(f"stopped before round {number}: {spent}")
             break
-        round_dir = train_round(config, prepared, registry.root, out / "updates", attacks, log=log, model_dir=model_dir,
-                                keys=keys)
         result = aggregate_round(config, registry.root, round_dir, warn=log)
         scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
         epsilon = (read_json(result.folder / "manifest.json").get("privacy") or {}).get("epsilon")
@@ -137,10 +144,12 @@ def train_round(
     *,
     model_dir: Path | None = None,
     keys: Path | None = None,
+    number: int | None = None,
 ) -> Path:
-    """Every site trains its update from the registry's LATEST; attackers then forge theirs.
+    """Every site in `prepared` trains its update from the registry's LATEST; attackers then forge theirs.
 
     keys: the folder of the sites' private keys (SITE.key), when the federation signs updates.
+    number: the round, for a round that may have no site (a site sample that drew none).
 
     Returns:
         The round's updates folder (updates/round-NNNN).
@@ -154,7 +163,11 @@ def train_round(
             forge_update(folder, attacks[site], key)
             log(f"{site}: sent a forged update ({attacks[site].kind}, factor {attacks[site].factor:g})")
     if folder is None:
-        raise BadInput("simulate: no sites to train")
+        if number is None:
+            raise BadInput("simulate: no sites to train")
+        empty = updates / round_dir_name(number)
+        empty.mkdir(parents=True, exist_ok=True)
+        return empty
     return folder.parent
 
 

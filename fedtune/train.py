@@ -25,9 +25,11 @@ from fedtune.data.contract import require_contract
 from fedtune.data.prepared import read_prepared
 from fedtune.errors import BadInput, StageFailed
 from fedtune.privacy.dp_fedavg import next_round, privatize_update
+from fedtune.privacy.sampling import round_sample
 from fedtune.registry import checked_version, round_dir_name
 from fedtune.wire import UPDATE_FORMAT, SigningKey
 from fedtune.wire.tensors import factor_of, rank_slice
+from fedtune.wire.sample import SAMPLE_FILE
 from fedtune.wire.update import encode_update, write_update
 
 
@@ -191,6 +193,11 @@ def train_local(
     target = updates / round_dir_name(parent["round"] + 1) / site
     if target.exists():
         raise BadInput(f"{target}: already exists; this site has already sent an update for round {parent['round'] + 1}")
+    called = round_sample(config, target.parent, parent)
+    if called is not None and site not in called:
+        raise BadInput(f"{target.parent / SAMPLE_FILE}: site {site} was not drawn for round {parent['round'] + 1}; "
+                       "it sends nothing this round (each round calls each site with probability "
+                       f"{config.privacy.sample_rate})")
     update = compute_update(config, site, data, global_ref, steps, lr, batch_size, log, model_dir=model_dir)
     return write_update(target, encode_update(update.tensors, update.fields, update.adapter_config, signer))
 
@@ -223,6 +230,11 @@ def compute_update(
     weights = models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "train-local")
     tokenizer = models.load_tokenizer(weights)
     require_contract(card, config, models.tokenizer_fingerprint(tokenizer), models.chat_template_sha(tokenizer), data)
+    if config.privacy.mode == "local":
+        from fedtune.privacy.local import preflight
+
+        # A run the site's privacy budget cannot pay for is refused before the base model is loaded.
+        preflight(config, card, data, len(ids), train, round=number, parent=parent["version"])
 
     # Seeds differ by site and round so sites do not draw the same batches, yet every rerun is identical.
     seed = config.seed + 1000 * number + zlib.crc32(site.encode()) % 1000
@@ -245,13 +257,21 @@ def compute_update(
         if step == 1 or step % 5 == 0 or step == train.steps:
             log(f"{site}: round {number} step {step}/{train.steps} loss {loss:.4f}")
 
-    result = train_loop(model, ids, labels, train, seed, log=progress)
+    if config.privacy.mode == "local":
+        from fedtune.privacy.local import train_private
+
+        # Record-level DP-SGD: the site's ledger beside its prepared data counts what every run spends.
+        result, privacy = train_private(model, ids, labels, train, config, card, data, round=number,
+                                        parent=parent["version"], log=progress)
+    else:
+        result = train_loop(model, ids, labels, train, seed, log=progress)
     losses, seconds = result.losses, result.seconds
 
     local = get_peft_model_state_dict(result.model, save_embedding_layers=False)
     sent = [k for k in parent_tensors if trained == "AB" or factor_of(k) != "A"]
     delta = {k: (local[k].detach().float().cpu() - parent_tensors[k].float()).contiguous() for k in sent}
-    privacy = privatize_update(config, delta)  # distributed DP: clipped and noised before it leaves the site
+    if config.privacy.mode != "local":
+        privacy = privatize_update(config, delta)  # distributed DP: clipped and noised before it leaves the site
     fields = {
         "format": UPDATE_FORMAT,
         "site": site,

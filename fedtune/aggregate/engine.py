@@ -35,6 +35,7 @@ from fedtune.federation import global_manifest
 from fedtune.registry import Registry, coordinator_signer, version_name
 from fedtune.wire.codec import WireError, pretty_json
 from fedtune.privacy.dp_fedavg import GaussianNoise, next_round
+from fedtune.privacy.sampling import expected_sites, round_sample
 from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, factor_of, lora_layers, rank_slice
 from fedtune.wire.version import read_version_manifest, write_version_manifest
 
@@ -162,7 +163,13 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     nonces, hashes = registry.accepted()
     checks = RoundChecks(config, parent, layout, max_bytes=2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20),
                          trains=rule.trains, work=work, accepted_nonces=nonces, accepted_hashes=hashes)
+    called = round_sample(config, round_dir, parent)  # under site sampling, only the drawn sites count
     valid, rejected, equivocations = collect_round(round_dir, checks)
+    if called is not None:
+        for update in [u for u in valid if u.site not in called]:
+            valid.remove(update)
+            rejected.append({"site": update.folder.name,
+                             "reason": f"site {update.site} was not drawn in round {number}'s sample"})
     if strict and rejected:
         # One error line (DESIGN §8): it names the first rejected update and counts the others.
         first = rejected[0]
@@ -170,20 +177,23 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         raise BadInput(f"{round_dir / first['site']}: {first['reason']} (--strict: the round is not aggregated{others})")
     for item in rejected:
         warn(f"warning: {round_dir / item['site']}: rejected: {item['reason']}")
-    if len(valid) < settings.quorum:
+    # Sampled central DP releases every round whoever answered (its denominator is fixed), so no quorum holds it.
+    if len(valid) < settings.quorum and called is None:
         raise BadInput(
             f"{round_dir}: {len(valid)} valid update(s), below the quorum of {settings.quorum}; nothing written"
             + (f" ({len(rejected)} rejected)" if rejected else "")
         )
-    rule.check(len(valid))
+    if valid:
+        rule.check(len(valid))
 
     noise = None
     if config.privacy.mode == "central":
-        # DP-FedAvg: fixed weights 1/n over the roster and every delta clipped to C bound one site's influence.
-        roster = len(config.sites)
-        weights = np.full(len(valid), 1.0 / roster)
+        # DP-FedAvg: fixed weights 1/n over the expected number of sites and every delta clipped to C bound one
+        # site's influence.
+        expected = expected_sites(config)
+        weights = np.full(len(valid), 1.0 / expected)
         scale = clip_factors([u.norm for u in valid], config.privacy.clip_norm)
-        noise = GaussianNoise(config.privacy.noise_multiplier * config.privacy.clip_norm / roster)
+        noise = GaussianNoise(config.privacy.noise_multiplier * config.privacy.clip_norm / expected)
     elif config.privacy.mode == "distributed":
         # The sites clipped and noised their own deltas (checked below): the coordinator only averages.
         weights, scale = np.full(len(valid), 1.0 / len(config.sites)), np.ones(len(valid))
@@ -195,6 +205,11 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     for update, factor in zip(valid, scale):
         if factor < 1:
             warn(f"warning: {round_dir / update.folder.name}: norm {update.norm:.4g} clipped by {factor:.3g}")
+    if config.privacy.mode == "local":
+        from fedtune.privacy.local import version_record
+
+        # Each site's DP-SGD protects its own records: the version states the ε its accepted updates reported.
+        privacy = version_record(config, privacy, parent, valid)
     record: dict = {}
     merged, state, errors, out_rank = merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale,
                                                     record=record, noise=noise)

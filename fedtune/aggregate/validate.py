@@ -193,6 +193,12 @@ def check_lineage(envelope: Envelope, checks: RoundChecks) -> None:
                 or record.noise_std is None or abs(record.noise_std - std) > 1e-9 * std):
             raise Rejected(f"manifest.json: privacy is {record.model_dump()}, but this federation's distributed DP "
                            f"needs each update clipped to {config.privacy.clip_norm} and noised with std {std:.6g}")
+    if config.privacy.mode == "local":
+        from fedtune.privacy.local import check_update
+
+        reason = check_update(config, manifest.privacy)
+        if reason is not None:
+            raise Rejected(reason)
     if manifest.trained != checks.trains:
         if checks.trains == "B":
             raise Rejected("trained A as well, but ffa needs A frozen: set aggregation.method: ffa in federation.yaml "

@@ -146,6 +146,27 @@ class _AggregateCommand(TyperCommand):
         pass
 
 
+@app.command(rich_help_panel=COORDINATOR_PANEL)
+def sample(
+    config: ConfigOpt,
+    registry: RegistryOpt,
+    updates: Annotated[Path, typer.Option(help="the updates root; the sample goes to updates/round-NNNN/sample.json")],
+    key: CoordinatorKeyOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Draw which sites take part in the next round (privacy.sample_rate < 1), signed; each round is drawn once."""
+    from fedtune.config import load_federation
+    from fedtune.privacy.sampling import draw_sample
+
+    drawn = draw_sample(load_federation(config), registry, updates, key)
+    if json_out:
+        print_json(drawn)
+        return
+    where = updates / f"round-{drawn['round']:04d}" / "sample.json"
+    out.print(f"round {drawn['round']}: {', '.join(drawn['sites']) or 'no site'} drawn "
+              f"(each with probability {drawn['sample_rate']}); written to {where}")
+
+
 @app.command(cls=_AggregateCommand, rich_help_panel=COORDINATOR_PANEL,
              short_help="Validate a round's updates and merge them into the next global version.")
 def aggregate(

@@ -1,4 +1,4 @@
-"""What a site runs: prepare its data, train its update, evaluate and export a global version."""
+"""What a site runs: prepare its data, train its update, evaluate, audit and export a global version."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def prepare(
     columns: Annotated[Optional[str], typer.Option("--columns", help=(
         "your columns' names, PART=COLUMN: e.g. prompt=question,response=answer; parts: text, prompt, input, "
         "response, messages, system (replaces data.columns)"))] = None,
+    canaries: Annotated[int, typer.Option("--canaries", min=0, help=(
+        "plant N random secret records in the training split, kept in canaries.json (mode 0600) for "
+        "`fedtune audit`; the data card says only how many"))] = 0,
+    canary_repeats: Annotated[int, typer.Option("--canary-repeats", min=1, help="copies of each canary planted")] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Filter, scrub PII, dedup, tokenize and pack a site's raw files; writes train/eval parquet and a data card."""
@@ -58,7 +62,8 @@ def prepare(
     card = prepare_site(load_federation(config), site, input, out_dir, log=progress_log(), dry_run=dry_run,
                         num_proc=num_proc, deny_list=deny_list, ner_model=ner_model,
                         columns=parse_columns(columns) if columns else None, model_dir=model_dir, overwrite=overwrite,
-                        pii_countries=pii_country, pii_entities=pii_entity, pii_patterns=_pii_patterns(pii_pattern))
+                        pii_countries=pii_country, pii_entities=pii_entity, pii_patterns=_pii_patterns(pii_pattern),
+                        canaries=canaries, canary_repeats=canary_repeats)
     _warn_pii_not_scanned(card)
     if json_out:
         print_json(card)
@@ -97,7 +102,10 @@ def _print_card(card: dict, written: Path | None) -> None:
     tokens = card["tokens"]
     out.print(f"  tokens: train {tokens['train']['total']} ({tokens['train']['trained']} trained), "
               f"eval {tokens['eval']['total']}; sequences of {card['seq_len']}: train {card['sequences']['train']}, "
-              f"eval {card['sequences']['eval']}")
+              f"eval {card['sequences']['eval']} ({card['packing_mode']})")
+    if card["canaries"]["count"]:
+        out.print(f"  canaries: {card['canaries']['count']} planted in train, {card['canaries']['repeats']} copies "
+                  "each" + (f" (kept in {written / 'canaries.json'})" if written else ""))
     lengths = card["token_lengths"]
     out.print(f"  record length in tokens (mean {lengths['mean']}, max {lengths['max']}): "
               + ", ".join(f"{k}: {v}" for k, v in lengths["histogram"].items() if v))
@@ -157,6 +165,45 @@ def evaluate(
         return
     rows = [[s, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", str(m["tokens"])] for s, m in result["sites"].items()]
     print_table(["site", "loss", "perplexity", "tokens"], rows, title=f"eval of {result['adapter']}")
+
+
+@app.command(rich_help_panel=SITE_PANEL)
+def audit(
+    config: ConfigOpt,
+    adapter: Annotated[str, typer.Option(
+        help="'base', a version of the registry (vNNNN or latest), or a version folder")],
+    data: Annotated[list[Path], typer.Option("--data", help="a prepared folder with its canaries.json (repeat)")],
+    registry: Annotated[Optional[Path], typer.Option(
+        help="the registry (default: registry/ beside the federation.yaml)")] = None,
+    candidates: Annotated[int, typer.Option("--candidates", min=10_000, help=(
+        "R: random secrets each canary is ranked among (exposure is at most log2(R+1))"))] = 10_000,
+    mia_rows: Annotated[int, typer.Option("--mia-rows", min=1, help=(
+        "at most this many train rows, and as many held-out rows, in the membership-inference test"))] = 200,
+    model_dir: ModelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """What an adapter leaks about each site's records: canary exposure and membership-inference AUC."""
+    from fedtune.config import load_federation
+    from fedtune.privacy.exposure import audit_sites
+
+    result = audit_sites(load_federation(config), adapter, data, registry=registry or config.parent / "registry",
+                         model_dir=model_dir, candidates=candidates, mia_rows=mia_rows, log=progress_log())
+    if json_out:
+        print_json(result)
+        return
+    rows = []
+    for site, entry in result["sites"].items():
+        exposure = "—" if entry["exposure"] is None else (
+            f"{entry['exposure_mean']:.2f} (max {max(entry['exposure']):.2f})")
+        auc = "—" if entry["mia_auc"] is None else f"{entry['mia_auc']:.3f} ± {entry['mia_chance_std']:.3f}"
+        rows.append([site, f"{entry['canaries']} × {entry['repeats']}", exposure, auc,
+                     f"{entry['mia_rows']['members']} + {entry['mia_rows']['non_members']}"])
+    print_table(["site", "canaries", "exposure: mean (max)", "MIA AUC ± chance std", "rows: train + held-out"], rows,
+                title=f"audit of {result['adapter']}: exposure out of {result['exposure_max']:.2f} "
+                      f"(R = {result['candidates']}); AUC 0.5 = no leak")
+    for site, entry in result["sites"].items():
+        for note in entry["notes"]:
+            err.print(f"note: {site}: {note}", markup=False)
 
 
 @app.command(rich_help_panel=SITE_PANEL)

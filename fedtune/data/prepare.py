@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fedtune import models
 from fedtune.artifacts import (
@@ -39,12 +38,16 @@ from fedtune.data.contract import (
 from fedtune.data.dedup import near_duplicates
 from fedtune.data.prepared import CARD_FORMAT
 from fedtune.data.sources import check_input, input_sha256, read_records
-from fedtune.data.tokenize import IGNORE, Packer
+from fedtune.data.tokenize import PACKING, pack_to_parquet
 from fedtune.errors import BadInput
+from fedtune.privacy.canaries import CANARIES_FILE, make_canaries, plant, secret_format_for, write_canaries
 
 # Below this many records per process, starting worker processes costs more than it saves.
 MIN_RECORDS_PER_PROCESS = 4096
 BATCH = 1000
+# The record-level DP-SGD ledger train-local keeps in a prepared folder (fedtune.privacy.local.LEDGER_FILE): what
+# the site's records have spent, so preparing the folder again keeps it.
+PRIVACY_LEDGER = "privacy_ledger.json"
 
 
 def _in_eval(keys: np.ndarray, fraction: float) -> np.ndarray:
@@ -82,21 +85,6 @@ def _read_site_deny_list(path: Path | None) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _parquet_writer(path: Path):
-    """A Packer sink that appends (rows, seq_len) arrays to a parquet file of input_ids and labels."""
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
-    writer = pq.ParquetWriter(path, schema)
-
-    def write(ids: np.ndarray, labels: np.ndarray) -> None:
-        offsets = pa.array(np.arange(len(ids) + 1, dtype=np.int32) * ids.shape[1])
-        writer.write_table(pa.table({
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1))),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.reshape(-1))),
-        }))
-
-    return write, writer.close
-
-
 def _array(column) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
@@ -113,26 +101,6 @@ def _batches(dataset, columns: list[str]):
         with pa.OSFile(name) as source:
             for batch in pa.ipc.open_stream(source):
                 yield batch.select(columns)
-
-
-def _pack(tokenized, target: Path | None, seq_len: int, pad_id: int) -> tuple[int, dict, np.ndarray]:
-    """Pack a split's tokenized records into `target` (nothing written when None); returns the number of
-    sequences, the token counts and each record's length."""
-    write, close = _parquet_writer(target) if target is not None else (None, lambda: None)
-    packer = Packer(seq_len, pad_id, write)
-    total = trained = 0
-    lengths = []
-    for batch in _batches(tokenized, ["input_ids", "labels"]):
-        ids_col, labels_col = _array(batch.column("input_ids")), _array(batch.column("labels"))
-        ids = ids_col.flatten().to_numpy().astype(np.int32)
-        labels = labels_col.flatten().to_numpy().astype(np.int32)
-        packer.add(ids, labels)
-        lengths.append(np.diff(ids_col.offsets.to_numpy()))
-        total += len(ids)
-        trained += int((labels != IGNORE).sum())
-    packer.close()
-    close()
-    return packer.rows, {"total": total, "trained": trained}, np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
 
 
 def _histogram(lengths: np.ndarray) -> dict[str, int]:
@@ -167,6 +135,8 @@ def prepare_site(
     model_dir: Path | None = None,
     columns: ColumnMap | None = None,
     overwrite: bool = False,
+    canaries: int = 0,
+    canary_repeats: int = 1,
 ) -> dict:
     """Read, filter, scrub, dedup, tokenize, pack and split one site's raw files; returns the data card.
 
@@ -185,7 +155,13 @@ def prepare_site(
             may scrub more than the federation asks, never less).
         model_dir: the folder holding this site's copy of the base model (else FEDTUNE_MODEL_DIR or its id).
         columns: which of the inputs' columns hold each record part; replaces the federation's data.columns.
-        overwrite: replace an `out` folder that already holds files (else it is refused before any work).
+        overwrite: replace an `out` folder that already holds files (else it is refused before any work). A
+            privacy_ledger.json in it is kept (preparing again must not reset the site's DP budget).
+        canaries: plant this many random secret records in the training split (after filtering, scrubbing and
+            dedup, so none is removed) and keep them in canaries.json (mode 0600), for `fedtune audit`.
+        canary_repeats: copies of each canary planted.
+
+    Under privacy.mode local, records are packed whole (none spans two sequences): a sequence is DP-SGD's unit.
     """
     # Presidio, datatrove and the language model load here, not at import: train-local imports fedtune.data.prepared,
     # and the package imports this module.
@@ -193,6 +169,9 @@ def prepare_site(
     from fedtune.data.stages import Plan, analyze_batch, prepare_tools, tokenize_batch
 
     config.require_site(site, "prepare")
+    if canaries < 0 or canary_repeats < 1:
+        raise BadInput(f"prepare: --canaries {canaries} --canary-repeats {canary_repeats}: give a count of 0 or "
+                       "more and at least 1 copy of each")
     if not inputs:
         raise BadInput("prepare: give at least one --input file")
     for path in inputs:
@@ -268,11 +247,19 @@ def prepare_site(
         if not len(splits["train"]):
             splits = {"train": keep[:-1], "eval": keep[-1:]}
 
-        card_tokens, card_rows, histograms = {}, {}, {}
+        card_tokens, card_rows, histograms, cut = {}, {}, {}, {}
         staging = Path(work) / "out"
         staging.mkdir()
+        whole = config.privacy.mode == "local"
+        secret_format = secret_format_for(tokenizer) if canaries else None
+        planted = make_canaries(canaries, canary_repeats, secret_format) if canaries else []
+        canary_rows: list[int] = []
         for name, rows in splits.items():
-            tokenized = analyzed.select(rows).select_columns(["text", "messages"]).map(
+            source, positions = analyzed.select(rows).select_columns(["text", "messages"]), []
+            if name == "train" and planted:
+                source, positions = plant(source, planted)
+                log(f"{site}: train: {len(planted)} canaries planted, {canary_repeats} copies of each")
+            tokenized = source.map(
                 tokenize_batch, batched=True, batch_size=BATCH, num_proc=_processes(requested, len(rows)),
                 fn_kwargs={"plan": plan}, remove_columns=["text", "messages"],
                 cache_file_name=str(Path(work) / f"tokens-{name}.arrow"), new_fingerprint=f"tok-{name}-{time.time_ns()}",
@@ -280,8 +267,12 @@ def prepare_site(
                                             "labels": datasets.Sequence(datasets.Value("int32"))}),
             )
             target = None if dry_run else staging / f"{name}.parquet"
-            card_rows[name], card_tokens[name], histograms[name] = _pack(tokenized, target, config.seq_len,
-                                                                         tokenizer.pad_token_id)
+            packed = pack_to_parquet(_batches(tokenized, ["input_ids", "labels"]), target, config.seq_len,
+                                     tokenizer.pad_token_id, whole_records=whole, watch=positions)
+            card_rows[name], card_tokens[name], cut[name] = packed.rows, packed.tokens, packed.cut_records
+            histograms[name] = np.delete(packed.lengths, positions)  # the card describes the site's own records
+            if positions:
+                canary_rows = packed.watched_rows
             log(f"{site}: {name}: {len(rows)} records → {card_rows[name]} sequences of {config.seq_len} tokens "
                 f"({time.perf_counter() - started:.1f} s)")
 
@@ -304,7 +295,11 @@ def prepare_site(
                               "max": int(record_lengths.max()) if len(record_lengths) else 0},
             "sequences": card_rows,
             "seq_len": config.seq_len,
-            "packing": "concatenate records with EOS, cut to seq_len, pad the last sequence",
+            "packing_mode": "whole-records" if whole else "concatenate",
+            "packing": PACKING["whole-records" if whole else "concatenate"],
+            **({"records_cut_to_seq_len": cut} if whole else {}),
+            # How many, never which: the secrets and prompts stay in canaries.json.
+            "canaries": {"count": canaries, "repeats": canary_repeats if canaries else 0},
             "eval_fraction": settings.eval_fraction,
             "filters": {"min_chars": settings.min_chars, "max_chars": settings.max_chars,
                         "languages": list(settings.languages), "quality": list(settings.quality),
@@ -317,11 +312,17 @@ def prepare_site(
         }
         if dry_run:
             return card
-        with atomic_folder(out, replace=True) as tmp:
+        ledger = Path(out) / PRIVACY_LEDGER
+        with atomic_folder(out, replace=True, private=(CANARIES_FILE, PRIVACY_LEDGER)) as tmp:
             for name in splits:  # the work folder may be on another file system than --out
                 shutil.move(staging / f"{name}.parquet", tmp / f"{name}.parquet")
             card["files"] = {f"{n}.parquet": sha256_file(tmp / f"{n}.parquet") for n in splits}
             write_json_atomic(tmp / "data_card.json", card)
+            if planted:
+                write_canaries(tmp / CANARIES_FILE, site, planted, canary_rows, card["files"]["train.parquet"],
+                               secret_format)
+            if ledger.is_file():  # copied last (mode included), so a round trained meanwhile is not lost
+                shutil.copy2(ledger, tmp / PRIVACY_LEDGER)
     return card
 
 

@@ -1,11 +1,15 @@
-"""Tokenize records (chat template for conversations, loss on the answers only) and pack to seq_len."""
+"""Tokenize records (chat template for conversations, loss on the answers only) and pack them into rows of seq_len."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fedtune.data.sources import Record
 from fedtune.errors import BadInput
@@ -92,25 +96,59 @@ def tokenize_records(tokenizer, records: list[Record]) -> list[tuple[list[int], 
     return out
 
 
+# The data card's description of each way of packing (its packing_mode).
+PACKING = {
+    "concatenate": "concatenate records with EOS, cut to seq_len, pad the last sequence",
+    "whole-records": "concatenate whole records with EOS while they fit; a record that does not fit starts the next "
+                     "sequence (the previous one padded); a record longer than seq_len is cut to seq_len",
+}
+
+
 class Packer:
-    """Concatenates records (each ends with EOS) and cuts rows of seq_len as they fill; the last row is
-    padded (labels IGNORE). Nothing is dropped. Full rows go to `write(ids, labels)` a block at a time, so
-    a site's whole token stream is never in memory."""
+    """Packs records into rows of seq_len, written to `write(ids, labels)` a block of rows at a time, so a site's
+    whole token stream is never in memory. Each record ends with EOS (or its template's end of turn).
+
+    concatenate (the default): records run on across rows and a row is cut wherever seq_len falls; only the
+    last row is padded (labels IGNORE), so nothing is dropped and no token is padding but the last row's.
+    whole_records: a record goes into the current row only if it fits in what is left of it; otherwise the row
+    is padded and the record starts the next one, and a record longer than seq_len is cut to seq_len. No record
+    then spans two rows, which record-level DP-SGD needs: a row is its unit of privacy (one clipped gradient), and a
+    record split across two rows would move two of them, twice the sensitivity its accountant assumes.
+    """
 
     BLOCK_ROWS = 1024
 
-    def __init__(self, seq_len: int, pad_id: int, write: Callable[[np.ndarray, np.ndarray], None] | None = None):
-        self.seq_len, self.pad_id, self.write, self.rows = seq_len, pad_id, write, 0
+    def __init__(self, seq_len: int, pad_id: int, write: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 whole_records: bool = False):
+        self.seq_len, self.pad_id, self.write, self.whole_records = seq_len, pad_id, write, whole_records
+        self.rows = 0  # rows written so far (all of them after close)
+        # whole_records: records cut to seq_len, the tokens cut off them and how many of those were trained on
+        self.cut_records = self.cut_tokens = self.cut_trained = 0
         self._ids: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._pending = 0
+        self._offset = 0  # concatenate: tokens added so far (where the next record starts in the stream)
+        self._block = self._block_labels = None  # whole_records: the block of rows being filled
+        self._row = self._used = 0  # whole_records: the row being filled in the block, and its tokens so far
 
-    def add(self, ids, labels) -> None:
-        self._ids.append(np.asarray(ids, dtype=np.int32))
-        self._labels.append(np.asarray(labels, dtype=np.int32))
-        self._pending += len(self._ids[-1])
+    def add(self, ids, labels, lengths=None) -> np.ndarray:
+        """Add records: `ids` and `labels` are their tokens back to back, `lengths` each one's token count (None:
+        one record). Returns the first and last row of each record, [records, 2]."""
+        ids, labels = np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+        lengths = np.asarray([len(ids)] if lengths is None else lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(ids):
+            raise ValueError(f"record lengths add up to {int(lengths.sum())}, not the {len(ids)} tokens given")
+        if self.whole_records:
+            return self._add_whole(ids, labels, lengths)
+        starts = self._offset + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        spans = np.stack([starts // self.seq_len, (starts + np.maximum(lengths, 1) - 1) // self.seq_len], axis=1)
+        self._offset += len(ids)
+        self._ids.append(ids)
+        self._labels.append(labels)
+        self._pending += len(ids)
         if self._pending >= self.BLOCK_ROWS * self.seq_len:
             self._flush(final=False)
+        return spans
 
     def _flush(self, final: bool) -> None:
         if not self._pending:
@@ -129,17 +167,122 @@ class Packer:
             self.write(ids[:full].reshape(rows, self.seq_len), labels[:full].reshape(rows, self.seq_len))
         self.rows += rows
 
+    def _add_whole(self, ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        spans = np.zeros((len(lengths), 2), dtype=np.int64)
+        start = 0
+        for i, length in enumerate(lengths.tolist()):
+            take = min(length, self.seq_len)
+            if take < length:
+                self.cut_records += 1
+                self.cut_tokens += length - take
+                self.cut_trained += int((labels[start + take:start + length] != IGNORE).sum())
+            if self._block is None:
+                self._new_block()
+            elif self._used + take > self.seq_len:  # does not fit: the rest of this row stays padding
+                self._next_row()
+            row = self._row
+            self._block[row, self._used:self._used + take] = ids[start:start + take]
+            self._block_labels[row, self._used:self._used + take] = labels[start:start + take]
+            self._used += take
+            spans[i] = self.rows + row
+            start += length
+        return spans
+
+    def _new_block(self) -> None:
+        self._block = np.full((self.BLOCK_ROWS, self.seq_len), self.pad_id, np.int32)
+        self._block_labels = np.full((self.BLOCK_ROWS, self.seq_len), IGNORE, np.int32)
+        self._row = self._used = 0
+
+    def _next_row(self) -> None:
+        self._row, self._used = self._row + 1, 0
+        if self._row == self.BLOCK_ROWS:
+            self._write_block(self.BLOCK_ROWS)
+            self._new_block()
+
+    def _write_block(self, rows: int) -> None:
+        if rows and self.write is not None:
+            self.write(self._block[:rows], self._block_labels[:rows])
+        self.rows += rows
+
     def close(self) -> None:
-        self._flush(final=True)
+        if not self.whole_records:
+            self._flush(final=True)
+        elif self._block is not None:
+            self._write_block(self._row + (self._used > 0))
+            self._block = self._block_labels = None
 
 
-def pack(samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pack samples in memory: (rows, seq_len) input_ids and labels."""
+def pack(samples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
+         whole_records: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Pack samples in memory: (rows, seq_len) input_ids and labels (see Packer for the two ways)."""
     blocks: list[tuple[np.ndarray, np.ndarray]] = []
-    packer = Packer(seq_len, pad_id, lambda ids, labels: blocks.append((ids, labels)))
+    packer = Packer(seq_len, pad_id, lambda ids, labels: blocks.append((ids, labels)), whole_records)
     for ids, labels in samples:
         packer.add(ids, labels)
     packer.close()
     if not blocks:
         return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+
+@dataclass
+class PackedSplit:
+    """What packing one split produced: its rows, its token counts, each record's length (in the order added),
+    the rows that hold the records asked about, and (whole_records) the records cut to seq_len."""
+
+    rows: int
+    tokens: dict
+    lengths: np.ndarray
+    watched_rows: list[int]
+    cut_records: int = 0
+
+
+def _parquet_writer(path: Path):
+    """A Packer sink that appends (rows, seq_len) arrays to a parquet file of input_ids and labels."""
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+    writer = pq.ParquetWriter(path, schema)
+
+    def write(ids: np.ndarray, labels: np.ndarray) -> None:
+        offsets = pa.array(np.arange(len(ids) + 1, dtype=np.int32) * ids.shape[1])
+        writer.write_table(pa.table({
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1))),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.reshape(-1))),
+        }))
+
+    return write, writer.close
+
+
+def pack_to_parquet(batches: Iterable, target: Path | None, seq_len: int, pad_id: int, *,
+                    whole_records: bool = False, watch: Iterable[int] = ()) -> PackedSplit:
+    """Pack Arrow record batches of tokenized records (list columns input_ids and labels, one record a row) into
+    `target` (nothing written when None). `watch` names records by their place in the stream; the rows they
+    land in are returned (the audit leaves the rows that hold canaries out of its membership test)."""
+    write, close = _parquet_writer(target) if target is not None else (None, lambda: None)
+    packer = Packer(seq_len, pad_id, write, whole_records)
+    watch = np.asarray(sorted(set(watch)), dtype=np.int64)
+    total = trained = seen = 0
+    lengths, watched = [], set()
+    for batch in batches:
+        ids_col, labels_col = _arrow(batch.column("input_ids")), _arrow(batch.column("labels"))
+        ids = ids_col.flatten().to_numpy().astype(np.int32)
+        labels = labels_col.flatten().to_numpy().astype(np.int32)
+        offsets = ids_col.offsets.to_numpy()
+        sizes = np.diff(offsets - offsets[0])
+        spans = packer.add(ids, labels, sizes)
+        here = watch[(watch >= seen) & (watch < seen + len(sizes))] - seen
+        for first, last in spans[here].tolist():
+            watched.update(range(first, last + 1))
+        seen += len(sizes)
+        lengths.append(sizes)
+        total += len(ids)
+        trained += int((labels != IGNORE).sum())
+    packer.close()
+    close()
+    # What was cut off a long record (whole_records) is not in the rows, so it is not counted.
+    tokens = {"total": total - packer.cut_tokens, "trained": trained - packer.cut_trained}
+    return PackedSplit(packer.rows, tokens, np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
+                       sorted(watched), packer.cut_records)
+
+
+def _arrow(column) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column

@@ -87,3 +87,23 @@ def noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delt
     except (ValueError, MemoryError) as err:  # no z in the bracket meets the target
         raise BadInput(f"--target-epsilon {target_epsilon}: no noise multiplier between {low:.3g} and {high:.3g} "
                        f"meets it with {accountant} ({err}); try the other accountant or another target") from None
+
+
+def epsilon_of(entries: list[tuple[float, float, int]], delta: float, accountant: Accountant = "rdp") -> float:
+    """ε of running every (noise_multiplier, sample_rate, steps) entry one after the other, at `delta`: the entries
+    may differ (a site's rounds with another z, or another q after its data changed), so each is composed into one
+    accountant rather than multiplied out."""
+    runs: dict[tuple[float, float], int] = {}
+    for z, q, steps in entries:
+        _check(q, steps, delta, accountant)
+        if z <= 0:
+            raise BadInput(f"--noise-multiplier {z}: must be above 0 (without noise ε is infinite)")
+        # Runs with the same z and q are one longer run: composing them at once is exact and much faster (PLD).
+        runs[(z, q)] = runs.get((z, q), 0) + steps
+    runs = {key: steps for key, steps in runs.items() if steps}
+    if not runs:
+        return 0.0
+    account = _fresh(accountant)
+    for (z, q), steps in sorted(runs.items()):
+        account.compose(_event(z, q, steps))
+    return float(account.get_epsilon(delta))

@@ -74,11 +74,21 @@ class TrainRecord(Wire):
 
 
 class PrivacyRecord(Wire):
-    """What a site did for privacy before sending (distributed DP: clipped to clip_norm, then noise of noise_std)."""
+    """What a site did for privacy before sending. distributed: its delta clipped to clip_norm, then noise of
+    noise_std. local: trained with DP-SGD (records clipped to example_clip_norm, noise_multiplier, Poisson
+    sample_rate, steps this round) and the record-level ε its ledger has spent over `rounds` rounds, at delta."""
 
-    mechanism: Literal["distributed"] | None = None
+    mechanism: Literal["distributed", "local"] | None = None
     clip_norm: Real | None = None
     noise_std: Real | None = None
+    example_clip_norm: Real | None = None
+    noise_multiplier: Real | None = None
+    sample_rate: Real | None = Field(None, gt=0, le=1)
+    steps: int | None = Field(None, ge=0, le=10**9)
+    rounds: int | None = Field(None, ge=0, le=10**9)
+    delta: Real | None = Field(None, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] | None = None
+    epsilon: Real | None = Field(None, ge=0)
 
 
 class UpdateManifest(Wire):
@@ -135,7 +145,7 @@ class LoraShape(Wire):
 class VersionPrivacy(Wire):
     """The differential privacy spent up to a version (mode none: nothing is claimed)."""
 
-    mode: Literal["none", "central", "distributed"] = "none"
+    mode: Literal["none", "central", "distributed", "local"] = "none"
     clip_norm: float | None = None
     noise_multiplier: float | None = None
     sample_rate: float | None = None
@@ -144,6 +154,8 @@ class VersionPrivacy(Wire):
     rounds_accounted: int | None = Field(None, ge=0)
     epsilon: float | None = Field(None, ge=0)
     target_epsilon: float | None = None
+    # local mode: each contributing site's record-level ε as its update reported it (epsilon is their maximum)
+    site_epsilon: dict[str, float] | None = None
 
 
 class VersionManifest(Wire):

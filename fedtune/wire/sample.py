@@ -1,0 +1,72 @@
+"""A round's sample as it travels: under privacy.sample_rate < 1 the coordinator draws which sites take part in
+a round (each with probability q, independently) and signs the draw into updates/round-NNNN/sample.json, so a
+site can check it was called and nobody can redraw a round after seeing who was picked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typing import Annotated
+
+from pydantic import Field, ValidationError
+
+from fedtune.errors import BadInput
+from fedtune.wire.codec import WireError, canonical_json, parse_json, pretty_json, printable, read_capped
+from fedtune.wire.keys import SigningKey, verify
+from fedtune.wire.manifests import SITE_NAME, ParentRef, Real, Text, Wire
+
+SAMPLE_FORMAT = "fedtune.sample/1"
+SAMPLE_FILE = "sample.json"
+MAX_SAMPLE_BYTES = 1 << 20
+
+
+class RoundSample(Wire):
+    """Who the coordinator called for a round."""
+
+    format: str = Field(pattern=r"^fedtune\.sample/1$")
+    federation: Text
+    round: int = Field(ge=1, le=10**9)
+    parent: ParentRef
+    sample_rate: Real = Field(gt=0, le=1)
+    roster: int = Field(ge=1, le=10**6, description="how many sites the draw was over")
+    sites: list[Annotated[str, Field(pattern=SITE_NAME)]] = Field(max_length=10**6)
+    created: Text
+
+
+def write_sample(round_dir: Path, fields: dict, signer: SigningKey | None) -> Path:
+    """Write sample.json (its signature inside: `signature` over the canonical JSON of the rest) into a new round
+    folder; a round's sample is never replaced."""
+    RoundSample.model_validate(fields)
+    document = {"sample": fields, "signature": signer.sign(canonical_json(fields)) if signer else None}
+    round_dir.mkdir(parents=True, exist_ok=True)
+    path = round_dir / SAMPLE_FILE
+    try:
+        with open(path, "xb") as handle:  # exclusive: a second draw for the same round fails
+            handle.write(pretty_json(document))
+    except FileExistsError:
+        raise BadInput(f"{path}: round {fields['round']}'s sample is already drawn; a round is drawn once") from None
+    return path
+
+
+def read_sample(round_dir: Path, coordinator_key: str | None) -> dict | None:
+    """The round's signed sample, or None when the folder holds none. BadInput (one line) when it is malformed or
+    its signature is not the coordinator's."""
+    path = round_dir / SAMPLE_FILE
+    if not path.exists():
+        return None
+    try:
+        document = parse_json(read_capped(path, MAX_SAMPLE_BYTES), str(path))
+    except WireError as err:
+        raise BadInput(str(err)) from None
+    if not isinstance(document, dict) or set(document) != {"sample", "signature"}:
+        raise BadInput(f"{path}: not a round sample (expected the keys sample and signature)")
+    try:
+        sample = RoundSample.model_validate(document["sample"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise BadInput(f"{path}: sample.{'.'.join(map(str, first['loc']))}: {printable(first['msg'], 160)}") from None
+    if coordinator_key is not None and not verify(coordinator_key, canonical_json(document["sample"]),
+                                                  document["signature"]):
+        raise BadInput(f"{path}: its signature is not the coordinator's (coordinator_key in federation.yaml); a "
+                       "sample only the coordinator draws decides who takes part")
+    return sample.model_dump(mode="json")
