@@ -229,8 +229,9 @@ def _history_cells(row: dict) -> list[str]:
     notes += [f"equivocation: {site}" for site in row["equivocations"]]
     privacy = row.get("privacy") or {}
     if privacy.get("mode", "none") != "none":
-        notes.append(f"ε {privacy['epsilon']:.3f} at δ {privacy['delta']:g} ({privacy['mode']} DP, "
-                     f"{privacy['rounds_accounted']} round(s))")
+        spent = privacy.get("epsilon")
+        notes.append(f"ε {'n/a' if spent is None else format(spent, '.3f')} at δ {privacy.get('delta')} "
+                     f"({privacy['mode']} DP, {privacy.get('rounds_accounted')} round(s))")
     return [str(row["version"]), str(row["round"]), created, method, contributors, rejected, "; ".join(notes)]
 
 

@@ -48,7 +48,7 @@ def version_record(config: FederationConfig, rounds_accounted: int) -> dict:
         local = settings.local
         return {"mode": "local", "clip_norm": local.example_clip_norm, "noise_multiplier": local.noise_multiplier,
                 "delta": local.delta, "accountant": settings.accountant, "rounds_accounted": rounds_accounted,
-                "target_epsilon": local.target_epsilon}
+                "target_epsilon": local.target_epsilon, "site_epsilon": {}, "epsilon": 0.0}
     return {
         "mode": settings.mode, "clip_norm": settings.clip_norm, "noise_multiplier": settings.noise_multiplier,
         "sample_rate": settings.sample_rate, "delta": settings.delta, "accountant": settings.accountant,

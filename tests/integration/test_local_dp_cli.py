@@ -77,6 +77,14 @@ def test_train_local_states_each_sites_epsilon_and_the_version_records_them(priv
     assert privacy["site_epsilon"] == reported and privacy["epsilon"] == max(reported.values())
     code, _, err = run_cli(["verify", "--registry", world.registry, "--updates", world.updates], capsys)
     assert code == 0, err
+    # The log states ε per version: 0 before any training, then the largest site ε of each version.
+    code, out, err = run_cli(["log", "--registry", world.registry, "--json"], capsys)
+    assert code == 0, err
+    spent = {row["version"]: row["privacy"]["epsilon"] for row in json.loads(out)["entries"] if row["event"] == "version"}
+    assert spent["v0000"] == 0.0 and spent["v0002"] == max(reported.values())
+    code, out, err = run_cli(["log", "--registry", world.registry], capsys)
+    assert code == 0, err
+    assert f"ε {max(reported.values()):.3f}" in out.replace("\n", " ")
 
 
 @pytest.mark.parametrize("claim, fragment", [

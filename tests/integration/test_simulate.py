@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 import yaml
 
 from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_recipe(folder, site_files, rounds=2):
@@ -235,3 +238,42 @@ def test_simulate_with_central_dp_reports_epsilon_and_stops_at_the_budget(tmp_pa
     header, rows = report_rows(report)
     assert header[-1] == "ε" and [row[-1] for row in rows] == ["0"] + [f"{r['epsilon']:.3f}" for r in report["rounds"]]
     assert (tmp_path / "run" / "report.png").stat().st_size > 0
+
+
+def test_the_private_recipe_runs_under_local_dp_and_stops_each_site_at_its_budget(tmp_path, tiny_model, site_files):
+    """recipes/private's own privacy and canary settings, on the tiny model and its data: every version states the
+    sites' ε (≤ 8, growing), each site keeps its ledger and canaries, and a fourth round stops at the sites' budget."""
+    from fedtune.config import load_recipe
+    from fedtune.simulate import simulate
+
+    recipe, _ = load_recipe(ROOT / "recipes" / "private")
+    assert recipe.privacy.mode == "local" and recipe.privacy.local.target_epsilon == 8.0
+    path = _recipe_file(tmp_path, tiny_model, site_files, "private-tiny", rounds=recipe.privacy.rounds + 1,
+                        privacy=recipe.privacy.model_dump(mode="json"),
+                        canaries=recipe.canaries.model_dump(mode="json"))
+    report = simulate(path, tmp_path / "run")
+    spent = [r["epsilon"] for r in report["rounds"]]
+    assert len(spent) == recipe.privacy.rounds and spent == sorted(spent) and 0 < spent[0] and spent[-1] <= 8.0
+    assert "would take this site's record-level ε to" in report["stopped"]
+    for site in site_files:
+        prepared = tmp_path / "run" / "prepared" / site
+        ledger = json.loads((prepared / "privacy_ledger.json").read_text())
+        assert len(ledger["entries"]) == recipe.privacy.rounds
+        assert json.loads((prepared / "canaries.json").read_text())["canaries"][0]["repeats"] == recipe.canaries.repeats
+
+
+def test_simulate_draws_each_round_under_site_sampling(tmp_path, tiny_model, site_files):
+    """With sample_rate q < 1 each round's sites come from the coordinator's signed draw, and only they train."""
+    from fedtune.simulate import simulate
+
+    path = _recipe_file(tmp_path, tiny_model, site_files, "sampled", rounds=3,
+                        privacy={"mode": "central", "clip_norm": 0.05, "noise_multiplier": 1.0, "sample_rate": 0.5})
+    report = simulate(path, tmp_path / "run")
+    assert len(report["rounds"]) == 3
+    for number in (1, 2, 3):
+        round_dir = tmp_path / "run" / "updates" / f"round-{number:04d}"
+        drawn = json.loads((round_dir / "sample.json").read_text())["sample"]["sites"]
+        assert sorted(p.name for p in round_dir.iterdir() if p.is_dir()) == sorted(drawn)
+        manifest = json.loads((tmp_path / "run" / "registry" / f"v{number:04d}" / "manifest.json").read_text())
+        assert sorted(c["site"] for c in manifest["contributors"]) == sorted(drawn)
+        assert manifest["privacy"]["sample_rate"] == 0.5
