@@ -284,7 +284,9 @@ def compute_update(
         "num_tokens": int(card["tokens"]["train"]["trained"]),
         "train": {
             "steps": train.steps, "lr": train.lr, "batch_size": train.batch_size, "grad_accum": train.grad_accum,
-            "loss_first": losses[0], "loss_last": losses[-1], "seconds": round(seconds, 3),
+            **({"loss_first": None, "loss_last": None} if config.privacy.mode == "local"
+               else {"loss_first": losses[0], "loss_last": losses[-1]}),
+            "seconds": round(seconds, 3),
             "tokens_per_second": round(result.tokens_per_second, 1),
         },
         "privacy": privacy,

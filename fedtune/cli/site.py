@@ -143,8 +143,12 @@ def train_local_cmd(
         print_json({"update": str(folder), "signed": signed, **manifest})
     else:
         t = manifest["train"]
-        out.print(f"wrote {folder}: round {manifest['round']}, {t['steps']} steps, loss {t['loss_first']:.4f} → "
-                  f"{t['loss_last']:.4f}, {t['tokens_per_second']} tokens/s" + (", signed" if signed else ", unsigned"))
+        loss = (f"loss {t['loss_first']:.4f} → {t['loss_last']:.4f}" if t["loss_first"] is not None
+                else "losses kept at the site (local DP)")
+        spent = manifest["privacy"].get("epsilon")
+        out.print(f"wrote {folder}: round {manifest['round']}, {t['steps']} steps, {loss}, {t['tokens_per_second']} "
+                  "tokens/s" + (f", record-level ε {spent:.3f}" if spent is not None else "")
+                  + (", signed" if signed else ", unsigned"))
 
 
 @app.command(rich_help_panel=SITE_PANEL)

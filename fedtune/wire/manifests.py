@@ -67,8 +67,9 @@ class TrainRecord(Wire):
     lr: Real
     batch_size: Count
     grad_accum: Count
-    loss_first: Real
-    loss_last: Real
+    # None under local DP: training losses are computed from the site's records without noise, so they stay home.
+    loss_first: Real | None
+    loss_last: Real | None
     seconds: Real
     tokens_per_second: Real
 
