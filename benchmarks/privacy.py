@@ -1,12 +1,14 @@
 """Privacy study: what each differential-privacy mode costs in quality and buys against two attacks.
 
-    python benchmarks/privacy.py --save benchmarks/results/privacy_cpu.json     # ~1 h on 2 cores
+    python benchmarks/privacy.py --save benchmarks/results/privacy_cpu.json     # ~75 min on 2 cores
     python benchmarks/privacy.py --report benchmarks/results/privacy_cpu.json   # reprint a record
     python benchmarks/privacy.py --model PATH --steps 2 --rounds 1 --candidates 200 --only none,local-8
                                                             # a tiny local model: checks the script in a minute
 
 Setup: recipes/non-iid (five sites, five domains, the embedded SmolLM2-135M-Instruct, LoRA r 8 on q_proj/v_proj,
-3 rounds of 10 steps of batch 4), every site planting canaries (`prepare --canaries`) in its training split.
+3 rounds of 10 steps of batch 4), every site planting a canary 25 times (`prepare --canaries 1 --canary-repeats
+25`: planted 5 times, a canary is not memorized in 30 steps even without DP) in its training split; the audit
+covers three sites (clinic, bank, pharmacy) to fit the 2 cores.
 Runs: no DP; central and distributed site-level DP-FedAvg and local record-level DP-SGD, each at ε ≈ 8 and
 ε ≈ 1 (δ = 1e-5, over the rounds run; central/distributed calibrate z at init, local sites on their first round).
 Each run is a whole `fedtune simulate` in its own process (its peak memory is its own), then `fedtune audit`'s
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 RECIPE = ROOT / "recipes" / "non-iid" / "recipe.yaml"
 DELTA = 1e-5
+CHANCE_EXPOSURE = 3.0  # above this mean the no-DP run's canaries were learnt (chance: log2 e ≈ 1.44)
 
 
 def settings(name: str, rounds: int, clip: float, example_clip: float) -> dict:
@@ -88,7 +91,8 @@ def run_one(args) -> dict:
     model_dir = Path(args.model) if args.model and Path(args.model).is_dir() else None
     base = models.load_base_model(models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "audit"))
     started = time.perf_counter()
-    audit = audit_sites(config, last, [out / "prepared" / s for s in sites], registry=out / "registry",
+    audited = [s for s in sites if s in args.audit_sites.split(",")] if args.audit_sites else sites
+    audit = audit_sites(config, last, [out / "prepared" / s for s in audited], registry=out / "registry",
                         model_dir=model_dir, candidates=args.candidates, base_model=base, log=log)
     audit_seconds = time.perf_counter() - started
     manifest = json.loads((out / "registry" / last / "manifest.json").read_text())
@@ -131,8 +135,12 @@ def summarize(record: dict) -> list[dict]:
             row["exposure_ratio"] = row["exposure"] / mean(ref_exposures) if ref_exposures and mean(ref_exposures) else None
             row["seconds_ratio"] = seconds / ref_seconds if ref_seconds else None
         if name != "none" and run["epsilon"] is not None and run["epsilon"] <= 8 + 1e-6:
+            # A canary nobody learnt sits at a random rank (exposure ≈ log2 e ≈ 1.44, sd ≈ 1.4 per canary): when the
+            # no-DP run's canaries are there too, there is no exposure for DP to reduce and the goal cannot be judged.
+            memorized = reference is not None and (mean(ref_exposures) or 0) > CHANCE_EXPOSURE
             row["goals"] = {
-                "exposure_third": row.get("exposure_ratio") is not None and row["exposure_ratio"] <= 1 / 3,
+                "exposure_third": (row.get("exposure_ratio") is not None and row["exposure_ratio"] <= 1 / 3)
+                if memorized else None,
                 "mia_auc_0.55": row["mia_auc"] is not None and row["mia_auc"] <= 0.55,
                 "half_improvement": row.get("improvement_share") is not None and row["improvement_share"] >= 0.5,
             }
@@ -153,7 +161,8 @@ def print_table(record: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         goals = row.get("goals")
-        verdict = "—" if goals is None else ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in goals.items())
+        verdict = "—" if goals is None else ", ".join(
+            f"{k} {'n/a (no-DP canaries at chance)' if v is None else 'met' if v else 'missed'}" for k, v in goals.items())
         print(f"| {row['run']} | {fmt(row['epsilon'], '.2f')} | {fmt(row['eval_loss'], '.4f')} | "
               f"{fmt(row['improvement'], '.4f')} ({fmt(row.get('improvement_share'), '.0%')}) | "
               f"{fmt(row['exposure'], '.2f')} ({fmt(row.get('exposure_ratio'), '.2f')}) | {fmt(row['mia_auc'])} | "
@@ -170,8 +179,10 @@ def main() -> None:
     parser.add_argument("--model", help="base model id or folder (default: the recipe's)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--canaries", type=int, default=2, help="canaries per site")
-    parser.add_argument("--repeats", type=int, default=5, help="times each canary is planted")
+    parser.add_argument("--canaries", type=int, default=1, help="canaries per site")
+    parser.add_argument("--repeats", type=int, default=25, help="times each canary is planted")
+    parser.add_argument("--audit-sites", default="clinic,bank,pharmacy",
+                        help="sites audited (each canary costs ~80 s at 10⁴ candidates on 2 cores); empty: all")
     parser.add_argument("--candidates", type=int, default=10_000)
     parser.add_argument("--clip-norm", type=float, default=0.5, help="C of the site-level modes")
     parser.add_argument("--example-clip-norm", type=float, default=1.0, help="per-record clip of local DP-SGD")
@@ -186,12 +197,14 @@ def main() -> None:
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fedtune-privacy-"))
-    names = ["none", "central-8", "central-1", "distributed-8", "distributed-1", "local-8", "local-1"]
+    # The ε ≈ 8 runs first: they carry the goals.
+    names = ["none", "local-8", "central-8", "distributed-8", "local-1", "central-1", "distributed-1"]
     if args.only:
         names = [n for n in args.only.split(",") if n]
     record = {"recipe": "recipes/non-iid", "model": args.model or "embedded:SmolLM2-135M-Instruct",
               "rounds": args.rounds, "steps": args.steps, "canaries": args.canaries, "repeats": args.repeats,
-              "candidates": args.candidates, "clip_norm": args.clip_norm, "example_clip_norm": args.example_clip_norm,
+              "candidates": args.candidates, "audit_sites": args.audit_sites, "clip_norm": args.clip_norm,
+              "example_clip_norm": args.example_clip_norm,
               "machine": f"{__import__('os').cpu_count()} CPU cores", "runs": {}}
     started = time.perf_counter()
     for name in names:
@@ -199,7 +212,8 @@ def main() -> None:
         child = [sys.executable, __file__, "--one", name, "--work", str(work), "--rounds", str(args.rounds),
                  "--steps", str(args.steps), "--canaries", str(args.canaries), "--repeats", str(args.repeats),
                  "--candidates", str(args.candidates), "--clip-norm", str(args.clip_norm),
-                 "--example-clip-norm", str(args.example_clip_norm), *(["--model", args.model] if args.model else [])]
+                 "--example-clip-norm", str(args.example_clip_norm), "--audit-sites", args.audit_sites,
+                 *(["--model", args.model] if args.model else [])]
         done = subprocess.run(child, stdout=subprocess.PIPE, text=True)
         if done.returncode != 0:
             sys.exit(f"error: run {name} failed (exit {done.returncode}); its log is above")
