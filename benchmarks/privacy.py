@@ -1,6 +1,6 @@
 """Privacy study: what each differential-privacy mode costs in quality and buys against two attacks.
 
-    python benchmarks/privacy.py --save benchmarks/results/privacy_cpu.json     # ~75 min on 2 cores
+    python benchmarks/privacy.py --save benchmarks/results/privacy_cpu.json     # ~85 min on 2 cores
     python benchmarks/privacy.py --report benchmarks/results/privacy_cpu.json   # reprint a record
     python benchmarks/privacy.py --model PATH --steps 2 --rounds 1 --candidates 200 --only none,local-8
                                                             # a tiny local model: checks the script in a minute
@@ -155,7 +155,7 @@ def fmt(value, spec: str = ".3f") -> str:
 def print_table(record: dict) -> None:
     rows = summarize(record)
     print(f"\nprivacy study: {record['recipe']}, {record['rounds']} rounds × {record['steps']} steps, "
-          f"{record['canaries']} canaries × {record['repeats']} per site, {record['candidates']} candidates, δ {DELTA}")
+          f"{record['canaries']} {'canary' if record['canaries'] == 1 else 'canaries'} × {record['repeats']} per site, {record['candidates']} candidates, δ {DELTA}")
     print("| run | ε (last version) | mean eval loss | improvement (share of no-DP) | mean exposure (× no-DP) | "
           "MIA AUC | train s/round (× no-DP) | peak RSS MB | goals at ε ≤ 8 |")
     print("|---|---|---|---|---|---|---|---|---|")
