@@ -13,7 +13,7 @@ from fedtune.artifacts import read_json
 from fedtune.config import FederationConfig
 from fedtune.errors import BadInput
 from fedtune.registry import Registry, coordinator_signer, round_dir_name
-from fedtune.wire.sample import SAMPLE_FILE, read_sample, write_sample
+from fedtune.wire.sample import SAMPLE_FILE, SAMPLE_FORMAT, read_sample, write_sample
 
 
 def sampling(config: FederationConfig) -> bool:
@@ -40,7 +40,7 @@ def draw_sample(config: FederationConfig, registry_root: Path, updates: Path, ke
     draw = secrets.SystemRandom()
     sites = [site.name for site in config.sites if draw.random() < config.privacy.sample_rate]
     fields = {
-        "format": "fedtune.sample/1", "federation": config.name, "round": number,
+        "format": SAMPLE_FORMAT, "federation": config.name, "round": number,
         "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
         "sample_rate": config.privacy.sample_rate, "roster": len(config.sites), "sites": sites,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
