@@ -23,7 +23,7 @@ from fedtune.registry import (
     version_number,
 )
 from fedtune.verify import verify_registry, verify_version
-from fedtune.wire.keys import read_public_file
+from fedtune.wire.keys import read_exchange_public_file, read_public_file
 from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE
 from fedtune.wire.update import MANIFEST_FILE
 from fedtune.wire.version import SERVER_STATE_FILE, read_version_manifest, write_version_manifest
@@ -71,16 +71,17 @@ def _history_row(root: Path, number: int, entry: dict) -> dict:
         "equivocations": [e["site"] for e in manifest.get("equivocations", [])],
         "rolled_back_to": manifest.get("rolled_back_to"), "reason": manifest.get("reason"),
         "privacy": manifest.get("privacy") or {"mode": "none"},
+        "secure_aggregation": manifest.get("secure_aggregation"),
     }
 
 
 def _concerns(row: dict, site: str) -> bool:
     if row["event"] == "roster":
         return row["site"] == site
-    weight = next((c["weight"] for c in row["contributors"] if c["site"] == site), None)
-    if weight is not None:
-        row["weight"] = weight
-    return (weight is not None or any(r["site"] == site for r in row["rejected"])
+    contributed = [c for c in row["contributors"] if c["site"] == site]
+    if contributed:
+        row["weight"] = contributed[0]["weight"]  # None under secure aggregation: nobody learnt it
+    return (bool(contributed) or any(r["site"] == site for r in row["rejected"])
             or site in row["equivocations"])
 
 
@@ -168,6 +169,7 @@ def change_roster(
     public_key: str | Path | None = None,
     lora_r: int | None = None,
     key: Path | None = None,
+    exchange_key: str | Path | None = None,
 ) -> FederationConfig:
     """Add a site to the roster or remove one: log the change, signed, then rewrite federation.yaml.
 
@@ -179,6 +181,8 @@ def change_roster(
         public_key: add: the site's public key, a .pub file or the key line itself.
         lora_r: add: the site's smaller LoRA rank, if it trains one.
         key: the coordinator's private key (default: coordinator.key beside the registry).
+        exchange_key: add: the site's X25519 key line (or a .pub holding one), when `public_key` is a bare
+            Ed25519 line; a .pub file from `fedtune keys new` carries it already.
 
     Returns:
         The new federation.
@@ -190,9 +194,11 @@ def change_roster(
         # A signed roster event commits to the whole roster: never sign one over entries edited by hand. A change
         # an interrupted command committed but did not write comes first.
         config, _ = _catch_up(store, config, config_path)
-        changed, line = _changed(config, config_path, action, site, public_key, lora_r)
+        changed, line, exchange = _changed(config, config_path, action, site, public_key, lora_r, exchange_key)
         sites = [s.model_dump(mode="json") for s in changed.sites]
+        # exchange_key only where there is one: lines without it read exactly as before exchange keys existed.
         store.append({"event": "roster", "action": action, "site": site, "key": line,
+                      **({"exchange_key": exchange} if exchange is not None else {}),
                       **({"lora_r": lora_r} if action == "add" and lora_r else {}),
                       "roster": sites, "roster_sha256": sites_sha256(sites), "created": now()})
         _write_federation(config_path, changed, store)
@@ -254,9 +260,9 @@ def _write_federation(config_path: Path, config: FederationConfig, store: Regist
 
 def _changed(
     config: FederationConfig, config_path: Path, action: str, site: str, public_key: str | Path | None,
-    lora_r: int | None,
-) -> tuple[FederationConfig, str | None]:
-    """The federation with `site` added or removed, and the key the log line names."""
+    lora_r: int | None, exchange_key: str | Path | None = None,
+) -> tuple[FederationConfig, str | None, str | None]:
+    """The federation with `site` added or removed, and the key and exchange key the log line names."""
     sites = [s.model_dump(mode="json") for s in config.sites]
     if action == "add":
         if site in config.site_names():
@@ -267,15 +273,36 @@ def _changed(
         holder = next((s.name for s in config.sites if s.key == line), None)
         if holder is not None:
             raise BadInput(f"--key {public_key}: already site {holder}'s key; every site signs with its own")
-        sites.append({"name": site, "lora_r": lora_r, "key": line})
+        exchange = _exchange_line(public_key, exchange_key)
+        holder = next((s.name for s in config.sites if exchange is not None and s.exchange_key == exchange), None)
+        if holder is not None:
+            # Two sites with one exchange key could each compute the other's pairwise masks.
+            raise BadInput(f"--key {public_key}: its exchange key is already site {holder}'s; every site agrees "
+                           "its masks with its own key pair (`fedtune keys new`)")
+        sites.append({"name": site, "lora_r": lora_r, "key": line,
+                      **({"exchange_key": exchange} if exchange is not None else {})})
     elif action == "remove":
         if site not in config.site_names():
             raise BadInput(f"--site {site}: not on the roster of {config_path} ({', '.join(config.site_names())})")
         if len(sites) == 1:
             raise BadInput(f"--site {site}: the last site on the roster; a federation keeps at least one")
         line = config.site_key(site)
+        exchange = next(s.exchange_key for s in config.sites if s.name == site)
         sites = [s for s in sites if s["name"] != site]
     else:
         raise BadInput(f"roster: unknown action '{action}' (add or remove)")
     changed = parse_model(FederationConfig, {**config.model_dump(mode="json"), "sites": sites}, str(config_path))
-    return changed, line
+    return changed, line, exchange
+
+
+def _exchange_line(public_key: str | Path, exchange_key: str | Path | None) -> str | None:
+    """The exchange key a new site goes on the roster with: its .pub's x25519 line, or the one given apart."""
+    from_pub = read_exchange_public_file(public_key)
+    if exchange_key is None:
+        return from_pub
+    given = read_exchange_public_file(exchange_key)
+    if given is None:
+        raise BadInput(f"{exchange_key}: holds no X25519 key line (`fedtune keys new` writes one in NAME.pub)")
+    if from_pub is not None and from_pub != given:
+        raise BadInput(f"{public_key}: its exchange key differs from the one given apart ({exchange_key}); give one")
+    return given

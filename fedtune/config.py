@@ -269,6 +269,18 @@ def _unique_names(sites: list) -> list:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"site listed twice: {', '.join(dupes)}")
+    # A shared signing key would let one site send as another; a shared exchange key would let two sites'
+    # pairwise masks be computed by either, so secure aggregation could no longer hide one site's update.
+    for field, what in (("key", "public key"), ("exchange_key", "exchange key")):
+        holders: dict[str, list[str]] = {}
+        for site in sites:
+            value = getattr(site, field, None)  # a recipe's sites carry no keys
+            if value is not None:
+                holders.setdefault(value, []).append(site.name)
+        shared = [group for group in holders.values() if len(group) > 1]
+        if shared:
+            raise ValueError(f"sites {' and '.join(shared[0])} share one {what} ({field}); every site has its own "
+                             "key pair (`fedtune keys new`)")
     return sites
 
 
@@ -306,6 +318,16 @@ class PrivacySettings(Strict):
                                "(Poisson, drawn by the coordinator); 1: every site every round")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="rdp (Rényi DP) or pld (tighter) from dp-accounting")
     local: LocalPrivacy = LocalPrivacy()
+    secure_aggregation: bool = Field(False, description="mask every update (Bonawitz et al. 2017) so the coordinator "
+                                     "learns only the round's sum; each round takes one extra exchange: aggregate "
+                                     "writes an unmask request, each surviving site answers with `fedtune unmask`, "
+                                     "aggregate completes the round. fedavg/ffa only; every site needs an "
+                                     "exchange_key on the roster")
+    secagg_threshold: int | None = Field(None, ge=2, description="secure aggregation: t, the answers needed to "
+                                         "unmask a round (Shamir t-of-n); default ⌊n/2⌋+1, and it must stay above n/2")
+    secagg_max_count: int = Field(1_000_000, ge=1, description="secure aggregation: a site's weight is "
+                                  "min(count, this)/this, its count being what aggregation.weighting names; the "
+                                  "weight travels masked, so the coordinator learns only the round's total")
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> PrivacySettings:
@@ -339,6 +361,14 @@ class TrainingPlan(Strict):
             if self.aggregation.method not in SUM_ONLY:
                 raise ValueError(f"privacy.mode {self.privacy.mode}: aggregation.method {self.aggregation.method} "
                                  "would break the sensitivity bound DP is computed from; use fedavg or ffa")
+        if self.privacy.secure_aggregation:
+            # The coordinator sees only the sum: rules that look at each update cannot run on it.
+            if self.aggregation.method not in SUM_ONLY:
+                raise ValueError(f"privacy.secure_aggregation: aggregation.method {self.aggregation.method} needs "
+                                 "each site's update, which secure aggregation hides; use fedavg or ffa")
+            if self.privacy.mode == "central":
+                raise ValueError("privacy.secure_aggregation: mode central has the coordinator clip and noise each "
+                                 "update, which it cannot see; use mode distributed (each site clips and noises)")
         return self
 
 
@@ -361,7 +391,19 @@ class FederationConfig(TrainingPlan):
         for site in self.sites:
             if site.lora_r is not None and site.lora_r > self.lora.r:
                 raise ValueError(f"site {site.name}: lora_r {site.lora_r} is above the federation's lora.r {self.lora.r}")
+        if self.privacy.secure_aggregation:
+            count, threshold = len(self.sites), self.secagg_threshold()
+            if count < 3:
+                raise ValueError(f"privacy.secure_aggregation needs at least 3 sites (the roster has {count}): with "
+                                 "two, the sum and one's own update give away the other's")
+            if not count / 2 < threshold <= count - 1:
+                raise ValueError(f"privacy.secagg_threshold {threshold}: with {count} sites it must be above "
+                                 f"{count / 2:g} (so no two groups can each unmask) and at most {count - 1}")
         return self
+
+    def secagg_threshold(self) -> int:
+        """t of secure aggregation's t-of-n sharing: as set, else ⌊n/2⌋+1."""
+        return self.privacy.secagg_threshold or len(self.sites) // 2 + 1
 
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
@@ -395,6 +437,17 @@ class Attack(Strict):
     factor: float = Field(10.0, description="scale: multiplier; sign-flip: the honest delta times -factor; noise: std in units of the honest delta's std")
 
 
+class Dropout(Strict):
+    """A simulated site that goes silent: before sending its update, or (secure aggregation) after sending it but
+    before answering the unmask request."""
+
+    stage: Literal["before-sending", "before-unmasking"]
+    rounds: list[int] | None = Field(None, description="the rounds it drops in (default: every round)")
+
+    def drops(self, stage: str, number: int) -> bool:
+        return self.stage == stage and (self.rounds is None or number in self.rounds)
+
+
 class RecipeSite(Strict):
     """A simulated site and its raw files (paths relative to the recipe file)."""
 
@@ -402,6 +455,7 @@ class RecipeSite(Strict):
     inputs: list[str] = Field(min_length=1)
     lora_r: int | None = Field(None, ge=1)
     attack: Attack | None = None
+    drop: Dropout | None = None
 
 
 class RecipeCanaries(Strict):
@@ -421,6 +475,15 @@ class Recipe(TrainingPlan):
     sites: list[RecipeSite] = Field(min_length=2)
 
     _unique_sites = field_validator("sites")(_unique_names)
+
+    @model_validator(mode="after")
+    def _secure_sites(self) -> Recipe:
+        if self.privacy.secure_aggregation and any(s.attack for s in self.sites):
+            raise ValueError("privacy.secure_aggregation hides each update, so no check or robust rule could stop a "
+                             "simulated attacker; drop secure_aggregation or the attack")
+        if not self.privacy.secure_aggregation and any(s.drop and s.drop.stage == "before-unmasking" for s in self.sites):
+            raise ValueError("drop.stage before-unmasking needs privacy.secure_aggregation (only it has an unmask step)")
+        return self
 
     def plan(self) -> dict:
         """The recipe's settings as federation-file values."""

@@ -28,3 +28,10 @@ class VerifyFailed(FedtuneError):
 class BudgetSpent(BadInput):
     """The privacy budget cannot pay for another round: the coordinator's (central, distributed) or a site's
     own ledger (local). `simulate` stops there; the CLI exits 2 like any refused input."""
+
+
+class Waiting(FedtuneError):
+    """A round that cannot finish yet because it waits for other parties (secure aggregation's unmask answers).
+    Nothing is wrong and nothing was lost: the CLI prints what it waits for and exits 3; run it again later."""
+
+    exit_code = 3

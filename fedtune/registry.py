@@ -56,13 +56,19 @@ def version_number(name: str) -> int:
 
 
 def roster_sha256(config: FederationConfig) -> str:
-    """What the log records of a roster: the sha256 of its entries (names, ranks, keys)."""
+    """What the log records of a roster: the sha256 of its entries (names, ranks, keys, exchange keys)."""
     return sites_sha256([s.model_dump(mode="json") for s in config.sites])
 
 
 def sites_sha256(sites: list) -> str:
-    """The sha256 of roster entries as federation.yaml's `sites` holds them (dicts: name, lora_r, key)."""
-    return hashlib.sha256(canonical_json(sites)).hexdigest()
+    """The sha256 of roster entries as federation.yaml's `sites` holds them (dicts: name, lora_r, key, and
+    exchange_key where a site has one).
+
+    An entry without an exchange key hashes as {name, lora_r, key}, as every entry did before exchange keys
+    existed: the roster hashes registries already logged stay valid."""
+    entries = [{k: v for k, v in s.items() if not (k == "exchange_key" and v is None)} if isinstance(s, dict) else s
+               for s in sites]
+    return hashlib.sha256(canonical_json(entries)).hexdigest()
 
 
 def coordinator_signer(config: FederationConfig, registry_root: Path, key_path: Path | None = None) -> SigningKey | None:

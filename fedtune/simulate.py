@@ -1,7 +1,8 @@
 """`fedtune simulate`: a whole federation on one machine, through the same stage functions the CLI calls.
 
-Every site gets its own key pair (out/keys/SITE.key, its public key on the roster) and signs its updates,
-so a simulation runs the whole trust path. A recipe site may be an attacker: it trains honestly, then
+Every site gets its own key pair (out/keys/SITE.key, both public keys on the roster) and signs its updates,
+so a simulation runs the whole trust path; under secure aggregation it also masks them, and `simulate` drives
+the unmask exchange itself. A recipe site may drop out before sending, or before answering the unmask request. A recipe site may be an attacker: it trains honestly, then
 replaces its update with a forged one (`forge_update`) and signs what it sends with its own key, so only
 validation and the robust rules can stop it.
 """
@@ -23,7 +24,7 @@ from fedtune.baselines import parse_baselines, run_baselines
 from fedtune.config import Attack, FederationConfig, load_recipe
 from fedtune.data import prepare_site
 from fedtune.data.sources import check_input
-from fedtune.errors import BadInput, BudgetSpent
+from fedtune.errors import BadInput, BudgetSpent, Waiting
 from fedtune.evaluate import evaluate
 from fedtune.federation import init_federation
 from fedtune.registry import Registry, round_dir_name
@@ -73,6 +74,7 @@ def simulate(
     if (out / "federation.yaml").exists() or (out / "registry").exists():
         raise BadInput(f"{out}: already holds a federation; choose an empty --out folder")
     attacks = {site.name: site.attack for site in recipe.sites if site.attack is not None}
+    drops = {site.name: site.drop for site in recipe.sites if site.drop is not None}
     if len(attacks) == len(recipe.sites):
         raise BadInput(f"{recipe_path}: every site is an attacker; leave at least one honest site")
 
@@ -86,6 +88,7 @@ def simulate(
         key = SigningKey.generate()
         key.write(keys / f"{entry['name']}.key", keys / f"{entry['name']}.pub")
         entry["key"] = key.public
+        entry["exchange_key"] = key.exchange_public
     config = init_federation(out, roster, recipe.model, plan, log=log)
     # A recipe may name its model by folder; the federation records the id, so this run points at the folder.
     model_dir = Path(recipe.model).expanduser() if Path(recipe.model).expanduser().is_dir() else None
@@ -113,13 +116,22 @@ def simulate(
                 drawn = draw_sample(config, registry.root, out / "updates")["sites"]
                 called = {site: folder for site, folder in prepared.items() if site in drawn}
                 log(f"round {number}: sample drew {', '.join(drawn) or 'no site'} (q {config.privacy.sample_rate})")
-            round_dir = train_round(config, called, registry.root, out / "updates", attacks, log=log,
+            senders = {site: folder for site, folder in called.items()
+                       if not (drops.get(site) and drops[site].drops("before-sending", number))}
+            for site in sorted(set(called) - set(senders)):
+                log(f"{site}: dropped out before sending its round-{number} update")
+            round_dir = train_round(config, senders, registry.root, out / "updates", attacks, log=log,
                                     model_dir=model_dir, keys=keys, number=number)
         except BudgetSpent as spent:  # the coordinator's budget, or a site's own ledger under local DP
             report["stopped"] = str(spent)
             log(f"stopped before round {number}: {spent}")
             break
-        result = aggregate_round(config, registry.root, round_dir, warn=log)
+        if config.privacy.secure_aggregation:
+            answering = [site for site in senders
+                         if not (drops.get(site) and drops[site].drops("before-unmasking", number))]
+            result = secure_round(config, registry.root, round_dir, answering, keys, log)
+        else:
+            result = aggregate_round(config, registry.root, round_dir, warn=log)
         scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
         epsilon = (read_json(result.folder / "manifest.json").get("privacy") or {}).get("epsilon")
         report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()},
@@ -169,6 +181,28 @@ def train_round(
         empty.mkdir(parents=True, exist_ok=True)
         return empty
     return folder.parent
+
+
+def secure_round(config: FederationConfig, registry: Path, round_dir: Path, answering: list[str], keys: Path,
+                 log: Callable[[str], None] = lambda _msg: None):
+    """A masked round's three steps: aggregate writes the unmask request, each site in `answering` answers, aggregate
+    completes the round."""
+    from fedtune.privacy.secagg_site import answer_unmask
+
+    try:
+        return aggregate_round(config, registry, round_dir, warn=log)  # completes only if answers are in already
+    except Waiting as waiting:
+        log(f"aggregate: {waiting}")
+    for site in answering:
+        answer_unmask(config, site, keys / f"{site}.key", round_dir, log=log)
+        log(f"{site}: answered the unmask request")
+    silent = sorted(set(config.site_names()) - set(answering))
+    if silent:
+        log(f"not answering: {', '.join(silent)}")
+    try:
+        return aggregate_round(config, registry, round_dir, warn=log)
+    except Waiting as waiting:
+        raise BadInput(f"simulate: {round_dir.name} cannot be unmasked with the sites that answered ({waiting})") from None
 
 
 def forge_update(folder: Path, attack: Attack, site_key: Path | None = None) -> Path:

@@ -198,8 +198,19 @@ def train_local(
         raise BadInput(f"{target.parent / SAMPLE_FILE}: site {site} was not drawn for round {parent['round'] + 1}; "
                        "it sends nothing this round (each round calls each site with probability "
                        f"{config.privacy.sample_rate})")
+    if config.privacy.secure_aggregation:
+        from fedtune.privacy.secagg import round_plan
+        from fedtune.privacy.secagg_site import mask_update, require_exchange_key
+
+        # Checked before training: a roster without exchange keys, or the wrong key, cannot mask.
+        round_plan(config, parent)
+        require_exchange_key(config, site, signer)
     update = compute_update(config, site, data, global_ref, steps, lr, batch_size, log, model_dir=model_dir)
-    return write_update(target, encode_update(update.tensors, update.fields, update.adapter_config, signer))
+    if config.privacy.secure_aggregation:
+        files = mask_update(config, signer, parent, site, update.tensors, update.fields, update.adapter_config)
+    else:
+        files = encode_update(update.tensors, update.fields, update.adapter_config, signer)
+    return write_update(target, files)
 
 
 def compute_update(

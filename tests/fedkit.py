@@ -77,6 +77,7 @@ def build_world(root: Path, tiny_model: Path, extra_sites: dict[str, tuple[str, 
             key = SigningKey.generate()
             key.write(root / "keys" / f"{entry['name']}.key", root / "keys" / f"{entry['name']}.pub")
             entry["key"] = key.public
+            entry["exchange_key"] = key.exchange_public
     config = init_federation(root / "fed", roster, str(tiny_model), settings)
     world = World(root=root, config=config, site_data={})
     for site, (topic, count) in sources.items():

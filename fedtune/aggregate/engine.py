@@ -50,6 +50,7 @@ class RoundResult:
     rejected: list[dict] = field(default_factory=list)
     reconstruction_error: dict | None = None
     equivocations: list[dict] = field(default_factory=list)
+    secure_aggregation: dict | None = None
 
 
 def site_weights(counts: list[int], weighted: bool, cap: float | None) -> np.ndarray:
@@ -163,6 +164,9 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     nonces, hashes = registry.accepted()
     checks = RoundChecks(config, parent, layout, max_bytes=2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20),
                          trains=rule.trains, work=work, accepted_nonces=nonces, accepted_hashes=hashes)
+    if config.privacy.secure_aggregation:
+        return _aggregate_secure(config, registry, parent_dir, parent, round_dir, settings, checks, privacy, rule,
+                                 optimizer, warn)
     called = round_sample(config, round_dir, parent)  # under site sampling, only the drawn sites count
     valid, rejected, equivocations = collect_round(round_dir, checks)
     if called is not None:
@@ -226,6 +230,49 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     params = {**rule.params(), "weighting": settings.weighting, "clip_norm": settings.clip_norm,
               "max_weight": settings.max_weight, "norm_bound": settings.norm_bound, **optimizer.params()}
     error_summary = _summarize(errors)
+    fields = dict(method=rule.name, privacy=privacy, params=params, quorum=settings.quorum, rank=out_rank,
+                  contributors=contributors, rejected=rejected, equivocations=equivocations,
+                  reconstruction_error=error_summary)
+    return _publish(config, registry, parent_dir, parent, merged, state, out_rank, fields)
+
+
+def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict, round_dir: Path, settings, checks,
+                      privacy: dict, rule: Method, optimizer: ServerOptimizer, warn) -> RoundResult:
+    """A masked round: unmask the survivors' sum (or write the unmask request, or wait for answers), then step."""
+    from fedtune.aggregate.secure import secure_sum
+
+    outcome = secure_sum(config, registry.key, round_dir, parent, checks, settings.quorum, warn)
+    if config.privacy.mode == "local":
+        from fedtune.privacy.local import version_record
+
+        privacy = version_record(config, privacy, parent, outcome.valid)
+    rank = config.lora.r
+    state = _server_state(parent_dir, parent, optimizer)
+    merged = {}
+    with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as base:
+        for key in tensor_layout(parent_dir / ADAPTER_FILE):
+            parent_tensor = rank_slice(base.get_tensor(key), key, rank)
+            delta = outcome.mean.get(key)
+            if delta is None:  # ffa's frozen A
+                delta = torch.zeros(parent_tensor.shape, dtype=torch.float32)
+            merged[key] = (parent_tensor.to(torch.float32) + optimizer.step(key, delta, state)).to(parent_tensor.dtype)
+    check_merged(merged, parent_dir, config)
+    # What the coordinator saw of each site: that it sent, and which update; never its weight, size or norm.
+    contributors = [{"site": u.site, "update_sha256": u.sha256, "nonce": u.nonce, "weight": None,
+                     "num_examples": None, "num_tokens": None, "rank": u.rank, "norm": None} for u in outcome.valid]
+    params = {**rule.params(), "weighting": "uniform" if config.privacy.mode == "distributed" else settings.weighting,
+              "secagg_max_count": config.privacy.secagg_max_count, **optimizer.params()}
+    fields = dict(method=rule.name, privacy=privacy, params=params, quorum=settings.quorum, rank=rank,
+                  contributors=contributors, rejected=outcome.rejected, equivocations=outcome.equivocations,
+                  reconstruction_error={"skipped": "not measured under secure aggregation"},
+                  secure_aggregation=outcome.record)
+    return _publish(config, registry, parent_dir, parent, merged, state, rank, fields)
+
+
+def _publish(config, registry: Registry, parent_dir: Path, parent: dict, merged: dict, state: dict, out_rank: int,
+             fields: dict) -> RoundResult:
+    """Write the new version's files and signed manifest, publish it and commit it to the log."""
+    number = parent["round"] + 1
     built = registry.root / f".{version_name(number)}.{os.getpid()}.tmp"
     built.mkdir()
     try:
@@ -238,12 +285,8 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         if state:
             save_file({k: v.contiguous() for k, v in state.items()}, str(built / STATE_FILE))
             extra["server_state_sha256"] = sha256_file(built / STATE_FILE)
-        manifest = global_manifest(
-            config, number, sha, parent=parent["version"], parent_sha256=parent["adapter_sha256"], method=rule.name,
-            privacy=privacy, params=params, quorum=settings.quorum, rank=out_rank, contributors=contributors,
-            rejected=rejected,
-            equivocations=equivocations, reconstruction_error=error_summary, **extra,
-        )
+        manifest = global_manifest(config, number, sha, parent=parent["version"],
+                                   parent_sha256=parent["adapter_sha256"], **fields, **extra)
         write_version_manifest(built, manifest, registry.key)
         _sync_folder(built)
     except (OSError, SafetensorError) as err:  # safetensors reports a failed write (disk full) as its own error
@@ -262,8 +305,9 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     except OSError as err:
         raise BadInput(f"{registry.log_path}: could not be written ({err.strerror}); {folder.name} is published but "
                        "not committed — the next fedtune command on this registry finishes or drops it") from None
-    return RoundResult(version=folder.name, folder=folder, contributors=contributors, rejected=rejected,
-                       reconstruction_error=error_summary, equivocations=equivocations)
+    return RoundResult(version=folder.name, folder=folder, contributors=fields["contributors"],
+                       rejected=fields["rejected"], reconstruction_error=fields["reconstruction_error"],
+                       equivocations=fields["equivocations"], secure_aggregation=fields.get("secure_aggregation"))
 
 
 def _sync_folder(folder: Path) -> None:

@@ -34,8 +34,8 @@ class Update:
     manifest: dict
     sha256: str
     nonce: str
-    num_examples: int
-    num_tokens: int
+    num_examples: int | None  # None under secure aggregation (the weight travels masked)
+    num_tokens: int | None
     rank: int
     trained: str  # "AB", or "B" when A stayed frozen (ffa)
     keys: set[str]
@@ -55,6 +55,10 @@ class RoundChecks:
     work: Path  # private folder for the tensor copies
     accepted_nonces: set[str] = field(default_factory=set)
     accepted_hashes: set[str] = field(default_factory=set)
+    # secure aggregation: the secagg record every update must carry (less its own seeds' hashes) and the
+    # masked tensors' layout
+    secagg: dict | None = None
+    masked: Layout | None = None
 
     @property
     def number(self) -> int:
@@ -199,11 +203,31 @@ def check_lineage(envelope: Envelope, checks: RoundChecks) -> None:
         reason = check_update(config, manifest.privacy)
         if reason is not None:
             raise Rejected(reason)
+    _check_secagg(manifest, checks)
     if manifest.trained != checks.trains:
         if checks.trains == "B":
             raise Rejected("trained A as well, but ffa needs A frozen: set aggregation.method: ffa in federation.yaml "
                            "before the sites train")
         raise Rejected(f"manifest.json: trained {manifest.trained} only; this federation's method trains both factors")
+
+
+def _check_secagg(manifest, checks: RoundChecks) -> None:
+    """A masked update must be masked for this round's plan; a plain one must carry its counts."""
+    if checks.secagg is None:
+        if manifest.secagg is not None:
+            raise Rejected("manifest.json: a masked update (secagg), but this federation does not use secure "
+                           "aggregation")
+        if manifest.num_examples is None or manifest.num_tokens is None:
+            raise Rejected("manifest.json: num_examples and num_tokens are missing (only masked updates omit them)")
+        return
+    if manifest.secagg is None:
+        raise Rejected("manifest.json: not masked, but this federation uses secure aggregation "
+                       "(privacy.secure_aggregation): the site must train with this federation.yaml")
+    got = manifest.secagg.model_dump(exclude={"shares_sha256", "self_mask_commitment"})
+    if got != checks.secagg:
+        wrong = sorted(k for k in checks.secagg if got.get(k) != checks.secagg[k])
+        raise Rejected(f"manifest.json: masked with other parameters ({', '.join(wrong)}) than this round's "
+                       "secure aggregation; the site must train with this federation.yaml")
 
 
 def check_tensors(envelope: Envelope, checks: RoundChecks, copy: Path) -> Update:
@@ -213,7 +237,7 @@ def check_tensors(envelope: Envelope, checks: RoundChecks, copy: Path) -> Update
     if sha != manifest.sha256:
         raise Rejected(f"{ADAPTER_FILE}: does not match the sha256 in its manifest (altered or damaged)")
     rank = checks.config.site_rank(manifest.site)
-    expected = expected_layout(checks.layout, rank, manifest.trained)
+    expected = checks.masked if checks.masked is not None else expected_layout(checks.layout, rank, manifest.trained)
     if got.keys() != expected.keys():
         extra, lost = sorted(got.keys() - expected.keys()), sorted(expected.keys() - got.keys())
         raise Rejected(f"{ADAPTER_FILE}: tensor keys differ from the global adapter (unexpected: "
@@ -221,7 +245,8 @@ def check_tensors(envelope: Envelope, checks: RoundChecks, copy: Path) -> Update
     for key, (shape, dtype) in expected.items():
         if got[key] != (shape, dtype):
             raise Rejected(f"{ADAPTER_FILE}: tensor {key} is {got[key][1]}{list(got[key][0])}, expected {dtype}{list(shape)}")
-    norm = delta_norm(copy, expected)
+    # A masked update is uniform noise to the coordinator: its site checked and bounded it before masking.
+    norm = 0.0 if checks.masked is not None else delta_norm(copy, expected)
     limit = checks.config.security.max_update_norm
     if norm > limit:
         raise Rejected(f"{ADAPTER_FILE}: the update's norm {norm:.4g} is beyond security.max_update_norm {limit:g}")

@@ -4,6 +4,7 @@ and keys; and `simulate`, the whole federation on one machine."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -51,8 +52,9 @@ def _roster_entry(text: str) -> dict:
 
 
 def _with_keys(roster: list[dict], site_keys: list[str]) -> list[dict]:
-    """The roster with each `NAME=PATH.pub` of --site-key put on its site."""
-    from fedtune.wire import read_public_file
+    """The roster with each `NAME=PATH.pub` of --site-key put on its site: its Ed25519 key, and its X25519
+    exchange key where the .pub has one (a .pub from before key agreement does not)."""
+    from fedtune.wire import read_exchange_public_file, read_public_file
 
     names = [entry["name"] for entry in roster]
     for item in site_keys:
@@ -62,6 +64,9 @@ def _with_keys(roster: list[dict], site_keys: list[str]) -> list[dict]:
         if name not in names:
             raise BadInput(f"--site-key {item}: no --site {name} on the roster ({', '.join(names)})")
         roster[names.index(name)]["key"] = read_public_file(Path(path))
+        exchange = read_exchange_public_file(Path(path))
+        if exchange is not None:
+            roster[names.index(name)]["exchange_key"] = exchange
     return roster
 
 
@@ -192,20 +197,35 @@ def aggregate(
 ) -> None:
     from fedtune.aggregate import aggregate_round
     from fedtune.config import load_federation
+    from fedtune.errors import Waiting
 
-    result = aggregate_round(
-        load_federation(config), registry, updates, strict=strict, warn=progress_log(), key=key, config_path=config,
-        force_new_round=force_new_round, method=method, trim=trim, byzantine=byzantine, keep=keep, density=density,
-        clip_norm=clip_norm, max_weight=max_weight, server_opt=server_opt, server_lr=server_lr, quorum=quorum,
-    )
+    try:
+        result = aggregate_round(
+            load_federation(config), registry, updates, strict=strict, warn=progress_log(), key=key,
+            config_path=config, force_new_round=force_new_round, method=method, trim=trim, byzantine=byzantine,
+            keep=keep, density=density, clip_norm=clip_norm, max_weight=max_weight, server_opt=server_opt,
+            server_lr=server_lr, quorum=quorum,
+        )
+    except Waiting as waiting:  # secure aggregation: the round waits for the sites' unmask answers
+        if json_out:
+            print_json({"status": "waiting", "message": str(waiting), "exit_code": waiting.exit_code})
+        else:
+            out.print(f"waiting: {waiting}", markup=False, soft_wrap=True)
+        sys.exit(waiting.exit_code)  # a distinct status, not an error: run aggregate again once answers are in
     if json_out:
         print_json({"version": result.version, "folder": str(result.folder), "contributors": result.contributors,
                     "rejected": result.rejected, "equivocations": result.equivocations,
-                    "reconstruction_error": result.reconstruction_error})
+                    "reconstruction_error": result.reconstruction_error,
+                    "secure_aggregation": result.secure_aggregation})
         return
-    sites = ", ".join(f"{c['site']} ({c['weight']:.3f})" for c in result.contributors)
+    sites = ", ".join(f"{c['site']}" + (f" ({c['weight']:.3f})" if c["weight"] is not None else "")
+                      for c in result.contributors)
     out.print(f"wrote {result.folder}: {len(result.contributors)} updates merged [{sites}]"
               + (f", {len(result.rejected)} rejected" if result.rejected else "") + f"; LATEST = {result.version}")
+    if result.secure_aggregation:
+        from fedtune.aggregate.secure import describe
+
+        out.print(f"  {describe(result.secure_aggregation)}")
     for event in result.equivocations:
         out.print(f"  equivocation: site {event['site']} signed {len(event['updates'])} different updates this round "
                   f"({', '.join(event['folders'])}); all of them rejected and recorded in {result.version}")

@@ -144,11 +144,41 @@ def train_local_cmd(
     else:
         t = manifest["train"]
         loss = (f"loss {t['loss_first']:.4f} → {t['loss_last']:.4f}" if t["loss_first"] is not None
-                else "losses kept at the site (local DP)")
+                else "losses kept at the site")
         spent = manifest["privacy"].get("epsilon")
         out.print(f"wrote {folder}: round {manifest['round']}, {t['steps']} steps, {loss}, {t['tokens_per_second']} "
                   "tokens/s" + (f", record-level ε {spent:.3f}" if spent is not None else "")
+                  + (", masked for secure aggregation" if manifest.get("secagg") else "")
                   + (", signed" if signed else ", unsigned"))
+
+
+@app.command(rich_help_panel=SITE_PANEL)
+def unmask(
+    config: ConfigOpt,
+    site: Annotated[str, typer.Option(help="this site's roster name")],
+    key: Annotated[Path, typer.Option("--key", help="this site's private key (SITE.key)")],
+    round_dir: Annotated[Path, typer.Option("--round", help="the round's folder, updates/round-NNNN")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer the coordinator's unmask request (secure aggregation): write this site's signed answer.
+
+    It reveals this site's own self-mask seed, its shares of the other survivors' self-mask seeds and its
+    pairwise seeds with the sites declared dropped — never both for one site. A site answers one request per
+    round (SITE.unmask-answers.json beside the key remembers which).
+    """
+    from fedtune.config import load_federation
+    from fedtune.privacy.secagg_site import answer_unmask
+
+    path = answer_unmask(load_federation(config), site, key, round_dir, log=progress_log())
+    answer = json.loads(path.read_text())["document"]
+    if json_out:
+        print_json({"answer": str(path), "site": site, "round": answer["round"],
+                    "shares": sorted(answer["self_mask_shares"]), "pairwise_seeds": sorted(answer["pairwise_seeds"])})
+        return
+    dropped = sorted(answer["pairwise_seeds"])
+    out.print(f"wrote {path}: site {site}'s answer for round {answer['round']} (shares for "
+              f"{len(answer['self_mask_shares'])} survivor(s)"
+              + (f"; pairwise seeds with dropped {', '.join(dropped)}" if dropped else "") + ")")
 
 
 @app.command(rich_help_panel=SITE_PANEL)

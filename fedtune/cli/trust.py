@@ -36,8 +36,8 @@ def short_key(line: str | None) -> str:
 
 # --- keys -----------------------------------------------------------------------------------------------
 
-keys_app = typer.Typer(help="Ed25519 key pairs: every site and the coordinator sign what they send.",
-                       no_args_is_help=True)
+keys_app = typer.Typer(help="Key pairs: every site and the coordinator sign what they send (Ed25519) and agree "
+                            "secure aggregation's pairwise masks (X25519).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys", rich_help_panel=KEYS_PANEL)
 
 
@@ -51,7 +51,8 @@ def keys_new(
 
     NAME.key is written with mode 0600 and never leaves this machine; it signs what this party sends.
 
-    NAME.pub is one line, the public key the coordinator puts on the roster (`fedtune roster add`).
+    NAME.pub holds the public keys the coordinator puts on the roster (`fedtune roster add`): the Ed25519 line,
+    then the X25519 line secure aggregation agrees pairwise masks with.
     """
     import re
 
@@ -64,11 +65,13 @@ def keys_new(
     key = SigningKey.generate()
     key.write(private, public)
     if json_out:
-        print_json({"private": str(private), "public": str(public), "key": key.public})
+        print_json({"private": str(private), "public": str(public), "key": key.public,
+                    "exchange_key": key.exchange_public})
         return
-    out.print(f"wrote {private} (private key: keep it on this machine) and {public} (public key: send it to the "
+    out.print(f"wrote {private} (private keys: keep them on this machine) and {public} (public keys: send it to the "
               "coordinator for the roster)")
     out.print(f"{public.name}: {key.public}")
+    out.print(f"{public.name}: {key.exchange_public}")
 
 
 # --- roster ---------------------------------------------------------------------------------------------
@@ -94,7 +97,10 @@ def roster_add(
         "--coordinator-key", help="the coordinator's private key \\[default: coordinator.key beside the registry]")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Put a site on the roster with its public key; from the next round on it may send signed updates."""
+    """Put a site on the roster with its public keys; from the next round on it may send signed updates.
+
+    A NAME.pub from `fedtune keys new` also gives the site's X25519 exchange key (secure aggregation needs it).
+    """
     from fedtune.audit import change_roster
 
     registry = _roster_registry(config, registry)
@@ -103,7 +109,8 @@ def roster_add(
     if json_out:
         print_json({"config": str(config), "registry": str(registry), "action": "add", **entry.model_dump()})
         return
-    out.print(f"added site {site} to {config} (key {short_key(entry.key)}, rank {entry.lora_r or changed.lora.r}); "
+    out.print(f"added site {site} to {config} (key {short_key(entry.key)}, exchange key "
+              f"{short_key(entry.exchange_key)}, rank {entry.lora_r or changed.lora.r}); "
               f"logged in {registry / 'log.jsonl'}; send the site the new federation.yaml")
 
 
@@ -170,17 +177,18 @@ def roster_sync(
 
 @roster_app.command("list")
 def roster_list(config: ConfigOpt, json_out: JsonOpt = False) -> None:
-    """The roster of a federation.yaml: each site's name, LoRA rank and public key."""
+    """The roster of a federation.yaml: each site's name, LoRA rank and public keys."""
     from fedtune.config import load_federation
 
     federation = load_federation(config)
-    sites = [{"name": s.name, "lora_r": federation.site_rank(s.name), "key": s.key} for s in federation.sites]
+    sites = [{"name": s.name, "lora_r": federation.site_rank(s.name), "key": s.key, "exchange_key": s.exchange_key}
+             for s in federation.sites]
     if json_out:
         print_json({"config": str(config), "coordinator_key": federation.coordinator_key,
                     "signatures_required": federation.signatures_required(), "sites": sites})
         return
-    rows = [[s["name"], str(s["lora_r"]), short_key(s["key"])] for s in sites]
-    print_table(["site", "rank", "key"], rows, title=f"roster of {federation.name} (coordinator key "
+    rows = [[s["name"], str(s["lora_r"]), short_key(s["key"]), short_key(s["exchange_key"])] for s in sites]
+    print_table(["site", "rank", "key", "exchange key"], rows, title=f"roster of {federation.name} (coordinator key "
                 f"{short_key(federation.coordinator_key)}; signed updates "
                 f"{'required' if federation.signatures_required() else 'not required'})")
 
@@ -221,7 +229,9 @@ def _history_cells(row: dict) -> list[str]:
         return ["", "", created, "", "", "", note]
     params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if v not in (None, "none", {}, []))
     method = f"{row['method']} ({params})" if params else str(row["method"])
-    contributors = ", ".join(f"{c['site']} {c['weight']:.3f}" for c in row["contributors"])
+    # Under secure aggregation no site's weight is known: only who was in the sum.
+    contributors = ", ".join(f"{c['site']}" + (f" {c['weight']:.3f}" if c.get("weight") is not None else "")
+                             for c in row["contributors"])
     rejected = "; ".join(f"{printable(r['site'], 64)}: {printable(r['reason'], 160)}" for r in row["rejected"])
     notes = []
     if row.get("rolled_back_to"):
@@ -232,6 +242,10 @@ def _history_cells(row: dict) -> list[str]:
         spent = privacy.get("epsilon")
         notes.append(f"ε {'n/a' if spent is None else format(spent, '.3f')} at δ {privacy.get('delta')} "
                      f"({privacy['mode']} DP, {privacy.get('rounds_accounted')} round(s))")
+    secure = row.get("secure_aggregation")
+    if secure:
+        notes.append(f"secure aggregation: {len(secure['survivors'])} in the sum"
+                     + (f", dropped {', '.join(secure['dropped'])}" if secure["dropped"] else ""))
     return [str(row["version"]), str(row["round"]), created, method, contributors, rejected, "; ".join(notes)]
 
 

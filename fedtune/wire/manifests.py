@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from fedtune.wire.codec import WireError, parse_json, printable
-from fedtune.wire.keys import PUBLIC_KEY_RE
+from fedtune.wire.keys import EXCHANGE_KEY_RE, PUBLIC_KEY_RE
 
 UPDATE_FORMAT = "fedtune.update/2"
 VERSION_FORMAT = "fedtune.global/2"
@@ -44,6 +44,18 @@ class RosterEntry(Wire):
     lora_r: int | None = Field(None, ge=1, description="this site trains a smaller rank (a site with a small GPU)")
     key: str | None = Field(None, pattern=PUBLIC_KEY_RE, description="the site's Ed25519 public key "
                             "(`fedtune keys new` writes it to NAME.pub); updates must be signed with its private key")
+    exchange_key: str | None = Field(None, pattern=EXCHANGE_KEY_RE, description="the site's X25519 public key for "
+                                     "secure aggregation's pairwise masks (`fedtune keys new` writes it as the second "
+                                     "line of NAME.pub)")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_exchange_key(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A roster without exchange keys dumps as it did before they existed: the roster hashes the log recorded
+        # stay valid, and federation.yaml stays readable by sites on an earlier fedtune.
+        data = handler(self)
+        if self.exchange_key is None:
+            data.pop("exchange_key", None)
+        return data
 
 
 class ParentRef(Wire):
@@ -92,6 +104,21 @@ class PrivacyRecord(Wire):
     epsilon: Real | None = Field(None, ge=0)
 
 
+class SecaggRecord(Wire):
+    """How a masked update was made (secure aggregation, privacy.secure_aggregation): the tensors are integers
+    modulo 2^modulus_bits, each value scaled by 2^scale_bits and clamped to ±bound; the self-mask seed's shares
+    are in secagg_shares.json (its sha256 here, so the signature covers them)."""
+
+    protocol: Literal["fedtune.secagg/1"]
+    participants: list[Annotated[str, Field(pattern=SITE_NAME)]] = Field(min_length=3, max_length=10**4)
+    threshold: int = Field(ge=2, le=10**4)
+    modulus_bits: Literal[32, 64]
+    scale_bits: int = Field(ge=0, le=62)
+    bound: Real = Field(gt=0)
+    shares_sha256: Sha256
+    self_mask_commitment: Sha256
+
+
 class UpdateManifest(Wire):
     """What a site signs: its update's tensors (by sha256), where they start from and how they were made."""
 
@@ -102,10 +129,12 @@ class UpdateManifest(Wire):
     base_model: BaseModelRecord
     lora: UpdateLora
     trained: Literal["AB", "B"]
-    num_examples: int = Field(ge=1, le=10**12)
-    num_tokens: Count
+    # None under secure aggregation: the weight travels masked, so the coordinator learns only the round's total.
+    num_examples: int | None = Field(ge=1, le=10**12)
+    num_tokens: Count | None
     train: TrainRecord
     privacy: PrivacyRecord
+    secagg: SecaggRecord | None = None
     sha256: Sha256 = Field(description="sha256 of adapter_model.safetensors")
     nonce: str = Field(pattern=NONCE, description="128 random bits: two honest updates never share one")
     fedtune_version: Annotated[str, Field(max_length=32)]
@@ -116,11 +145,12 @@ class Contributor(Wire):
     site: str = Field(pattern=SITE_NAME)
     update_sha256: Sha256
     nonce: str = Field(pattern=NONCE)
-    weight: Real
-    num_examples: int = Field(ge=1)
-    num_tokens: Count
+    # None under secure aggregation: the coordinator never sees one site's weight, size or norm.
+    weight: Real | None
+    num_examples: int | None = Field(ge=1)
+    num_tokens: Count | None
     rank: int = Field(ge=1)
-    norm: Real
+    norm: Real | None
     clip_scale: Real | None = None
     coefficient: Real | None = None
 
@@ -159,6 +189,25 @@ class VersionPrivacy(Wire):
     site_epsilon: dict[str, float] | None = None
 
 
+class VersionSecagg(Wire):
+    """What the coordinator learnt making a version under secure aggregation: who took part, the protocol's
+    parameters and the sum of the survivors' weights — nothing about one site's update."""
+
+    protocol: Literal["fedtune.secagg/1"]
+    participants: list[str]
+    survivors: list[str]
+    dropped: list[str] = Field(description="sites whose update was not in the sum (dropped before sending, or "
+                               "arrived after the unmask request)")
+    responders: list[str]
+    unanswered: list[str] = Field(description="survivors that did not answer; their self-masks came from shares")
+    threshold: int
+    modulus_bits: int
+    scale_bits: int
+    bound: float
+    weight_total: float
+    request_sha256: Sha256
+
+
 class VersionManifest(Wire):
     """What the coordinator signs for each global version."""
 
@@ -184,6 +233,7 @@ class VersionManifest(Wire):
     base_model: BaseModelRecord
     lora: LoraShape
     privacy: VersionPrivacy = VersionPrivacy()
+    secure_aggregation: VersionSecagg | None = None
     adapter_sha256: Sha256
     fedtune_version: Text
     created: Text

@@ -8,7 +8,7 @@ import errno
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.artifacts import atomic_folder, stamp
@@ -31,24 +31,29 @@ class UpdateFiles:
     tensors: bytes
     adapter_config: bytes
     signature: str | None
+    extra: dict[str, bytes] = field(default_factory=dict)  # files the manifest names by sha256 (secure aggregation)
 
     def files(self) -> dict[str, bytes]:
-        out = {ADAPTER_FILE: self.tensors, CONFIG_FILE: self.adapter_config, MANIFEST_FILE: pretty_json(self.manifest)}
+        out = {ADAPTER_FILE: self.tensors, CONFIG_FILE: self.adapter_config, MANIFEST_FILE: pretty_json(self.manifest),
+               **self.extra}
         if self.signature is not None:
             out[SIGNATURE_FILE] = (self.signature + "\n").encode("ascii")
         return out
 
 
-def encode_update(tensors: dict, fields: dict, adapter_config: dict, key: SigningKey | None) -> UpdateFiles:
+def encode_update(tensors: dict, fields: dict, adapter_config: dict, key: SigningKey | None,
+                  extra: dict[str, bytes] | None = None, nonce: str | None = None) -> UpdateFiles:
     """Serialize an update computed in memory: safetensors bytes, the manifest naming their sha256 and a fresh
-    nonce, and the site's signature of the manifest (None when the federation does not use keys)."""
+    nonce (or `nonce`, when the tensors were made for it), and the site's signature of the manifest (None when the
+    federation does not use keys). `extra`: further files the manifest already names by sha256."""
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    manifest = {**fields, "sha256": hashlib.sha256(data).hexdigest(), "nonce": secrets.token_hex(16), **stamp()}
+    manifest = {**fields, "sha256": hashlib.sha256(data).hexdigest(), "nonce": nonce or secrets.token_hex(16),
+                **stamp()}
     parse_manifest(canonical_json(manifest), UpdateManifest, MANIFEST_FILE)  # send only what a coordinator accepts
     signature = key.sign(canonical_json(manifest)) if key is not None else None
-    return UpdateFiles(manifest, data, pretty_json(adapter_config), signature)
+    return UpdateFiles(manifest, data, pretty_json(adapter_config), signature, dict(extra or {}))
 
 
 def write_update(folder: Path, update: UpdateFiles, replace: bool = False) -> Path:

@@ -277,3 +277,29 @@ def test_simulate_draws_each_round_under_site_sampling(tmp_path, tiny_model, sit
         manifest = json.loads((tmp_path / "run" / "registry" / f"v{number:04d}" / "manifest.json").read_text())
         assert sorted(c["site"] for c in manifest["contributors"]) == sorted(drawn)
         assert manifest["privacy"]["sample_rate"] == 0.5
+
+
+def test_simulate_drives_secure_aggregation_through_dropouts(tmp_path, tiny_model, site_files):
+    """Masked rounds with distributed DP: simulate writes the unmask request, has the sites answer and completes
+    each round — through a site that drops before sending (round 1) and one that drops before answering (round 2)."""
+    from fedtune.simulate import simulate
+
+    path = _recipe_file(tmp_path, tiny_model, site_files, "secure", rounds=2,
+                        privacy={"mode": "distributed", "clip_norm": 0.05, "noise_multiplier": 0.5,
+                                 "secure_aggregation": True})
+    recipe = yaml.safe_load(path.read_text())
+    for site in recipe["sites"]:
+        if site["name"] == "dev":
+            site["drop"] = {"stage": "before-sending", "rounds": [1]}
+        if site["name"] == "bank":
+            site["drop"] = {"stage": "before-unmasking", "rounds": [2]}
+    path.write_text(yaml.safe_dump(recipe))
+    report = simulate(path, tmp_path / "run")
+    assert [r["version"] for r in report["rounds"]] == ["v0001", "v0002"]
+    first, second = (json.loads((tmp_path / "run" / "registry" / v / "manifest.json").read_text())["secure_aggregation"]
+                     for v in ("v0001", "v0002"))
+    assert first["dropped"] == ["dev"] and first["survivors"] == ["bank", "clinic"]
+    assert second["dropped"] == [] and second["unanswered"] == ["bank"] and second["responders"] == ["clinic", "dev"]
+    assert not (tmp_path / "run" / "updates" / "round-0001" / "dev").exists()
+    answer = json.loads((tmp_path / "run" / "updates" / "round-0001" / "unmask" / "clinic.json").read_text())
+    assert set(answer["document"]["pairwise_seeds"]) == {"dev"}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import TOPICS, site_records, write_jsonl
 from fedtune.config import load_federation
@@ -47,6 +48,11 @@ def fedtune(*args) -> tuple[int, str, str]:
     finally:
         sys.argv = old
     return code, stdout.getvalue(), stderr.getvalue()
+
+
+def signing_line(pub: Path) -> str:
+    """The Ed25519 line of a NAME.pub (its first; the second is the X25519 exchange key)."""
+    return pub.read_text().splitlines()[0]
 
 
 def ok(*args) -> str:
@@ -176,13 +182,17 @@ def test_keys_new_writes_a_private_and_a_public_key(tmp_path):
     out = ok("keys", "new", "--out", tmp_path / "keys", "--name", "clinic")
     private, public = tmp_path / "keys" / "clinic.key", tmp_path / "keys" / "clinic.pub"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    line = public.read_text().strip()
-    assert SigningKey.load(private).public == line
-    assert f"wrote {private}" in out and str(public) in out and out.strip().endswith(f"clinic.pub: {line}")
+    line, exchange = public.read_text().splitlines()
+    loaded = SigningKey.load(private)
+    assert (loaded.public, loaded.exchange_public) == (line, exchange)
+    assert line.startswith("ed25519:") and exchange.startswith("x25519:")
+    assert f"wrote {private}" in out and str(public) in out
+    assert out.strip().endswith(f"clinic.pub: {line}\nclinic.pub: {exchange}")
 
     record = json.loads(ok("keys", "new", "--out", tmp_path / "keys", "--name", "bank", "--json"))
     assert record == {"private": str(tmp_path / "keys" / "bank.key"), "public": str(tmp_path / "keys" / "bank.pub"),
-                      "key": (tmp_path / "keys" / "bank.pub").read_text().strip()}
+                      "key": signing_line(tmp_path / "keys" / "bank.pub"),
+                      "exchange_key": (tmp_path / "keys" / "bank.pub").read_text().splitlines()[1]}
 
 
 def test_keys_new_never_overwrites_a_key(tmp_path):
@@ -200,12 +210,13 @@ def test_init_puts_the_site_keys_on_the_roster_and_names_the_coordinator_key(tra
     assert f"wrote {trained.fed / 'coordinator.key'}" in out and "keep it private, beside the registry" in out
     assert str(trained.fed / "coordinator.pub") in out
     roster = yaml.safe_load(trained.config.read_text())
-    assert {s["name"]: s["key"] for s in roster["sites"]} == {s: trained.pub(s).read_text().strip() for s in SITES}
-    assert roster["coordinator_key"] == (trained.fed / "coordinator.pub").read_text().strip()
+    assert {s["name"]: [s["key"], s["exchange_key"]] for s in roster["sites"]} == {
+        s: trained.pub(s).read_text().splitlines() for s in SITES}
+    assert roster["coordinator_key"] == signing_line(trained.fed / "coordinator.pub")
     listed = json.loads(ok("roster", "list", "--config", trained.config, "--json"))
     assert listed["signatures_required"] is True
-    assert [(s["name"], s["lora_r"], s["key"]) for s in listed["sites"]] == [
-        (s, 4, trained.pub(s).read_text().strip()) for s in SITES]
+    assert [(s["name"], s["lora_r"], [s["key"], s["exchange_key"]]) for s in listed["sites"]] == [
+        (s, 4, trained.pub(s).read_text().splitlines()) for s in SITES]
 
 
 @pytest.mark.parametrize("site_key,problem", [
@@ -221,6 +232,21 @@ def test_init_refuses_a_bad_site_key(tmp_path, tiny_model, site_key, problem):
                              site_key.format(**fill), "--model", tiny_model), 2)
     assert problem.format(**fill) in line
     assert not (tmp_path / "fed").exists()
+
+
+def test_init_puts_exchange_keys_on_the_roster_where_the_pub_has_one(tmp_path, tiny_model):
+    """A .pub from before key agreement (one line) still puts its site on the roster, without an exchange key."""
+    ok("keys", "new", "--out", tmp_path, "--name", "clinic")
+    old = SigningKey(Ed25519PrivateKey.generate())  # a signing key alone, as keys made before X25519 were
+    old.write(tmp_path / "bank.key", tmp_path / "bank.pub")
+    ok("init", tmp_path / "fed", "--site", "clinic", "--site", "bank", "--site-key", f"clinic={tmp_path / 'clinic.pub'}",
+       "--site-key", f"bank={tmp_path / 'bank.pub'}", "--model", tiny_model)
+    sites = {s["name"]: s for s in yaml.safe_load((tmp_path / "fed" / "federation.yaml").read_text())["sites"]}
+    assert [sites["clinic"]["key"], sites["clinic"]["exchange_key"]] == (tmp_path / "clinic.pub").read_text().splitlines()
+    assert sites["bank"] == {"name": "bank", "lora_r": None, "key": old.public}
+    listed = json.loads(ok("roster", "list", "--config", tmp_path / "fed" / "federation.yaml", "--json"))["sites"]
+    assert [s["exchange_key"] is not None for s in listed] == [True, False]
+    assert fedtune("verify", "--registry", tmp_path / "fed" / "registry")[0] == 0
 
 
 # --- signed rounds --------------------------------------------------------------------------------------
@@ -289,7 +315,7 @@ def test_aggregate_refuses_a_roster_edited_by_hand(fresh):
     original = fresh.config.read_text()
     for entry in data["sites"]:
         if entry["name"] == "bank":
-            entry["key"] = (fresh.root / "mallory" / "bank.pub").read_text().strip()
+            entry["key"] = signing_line(fresh.root / "mallory" / "bank.pub")
     fresh.config.write_text(yaml.safe_dump(data, sort_keys=False))
     before = sorted(p.name for p in fresh.registry.iterdir())
     line = one_error(fedtune("aggregate", "--config", fresh.config, "--registry", fresh.registry, "--updates",
@@ -331,7 +357,8 @@ def test_roster_add_and_remove_are_signed_and_logged(world):
     assert set(sites) == {"clinic", "bank", "eve"} and sites["eve"]["lora_r"] == 2
     entries = [json.loads(line) for line in world.log_lines()[-2:]]
     assert [(e["event"], e["action"], e["site"]) for e in entries] == [("roster", "add", "eve"), ("roster", "remove", "dev")]
-    assert entries[0]["key"] == world.pub("eve").read_text().strip() and all(e["sig"] for e in entries)
+    assert [entries[0]["key"], entries[0]["exchange_key"]] == world.pub("eve").read_text().splitlines()
+    assert sites["eve"]["exchange_key"] == entries[0]["exchange_key"] and all(e["sig"] for e in entries)
     history = json.loads(ok("log", "--registry", world.registry, "--site", "dev", "--json"))["entries"]
     assert [(e["event"], e.get("version"), e.get("action")) for e in history] == [("version", "v0001", None),
                                                                                    ("roster", None, "remove")]
@@ -354,6 +381,44 @@ def test_roster_refusals_change_nothing(world, args, problem):
     before = world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()
     line = one_error(fedtune("roster", args[0], "--config", world.config, *[a.format(**fill) for a in args[1:]]), 2)
     assert problem in line
+    assert (world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()) == before
+
+
+def test_roster_add_takes_the_exchange_key_from_the_pub(world):
+    record = json.loads(ok("keys", "new", "--out", world.root / "keys", "--name", "eve", "--json"))
+    assert record["exchange_key"].startswith("x25519:")
+    added = json.loads(ok("roster", "add", "--config", world.config, "--site", "eve", "--key", record["public"],
+                          "--json"))
+    assert (added["key"], added["exchange_key"]) == (record["key"], record["exchange_key"])
+    sites = {s["name"]: s for s in yaml.safe_load(world.config.read_text())["sites"]}
+    assert (sites["eve"]["key"], sites["eve"]["exchange_key"]) == (record["key"], record["exchange_key"])
+    assert json.loads(world.log_lines()[-1])["exchange_key"] == record["exchange_key"]
+    listed = json.loads(ok("roster", "list", "--config", world.config, "--json"))["sites"]
+    assert {s["name"]: s["exchange_key"] for s in listed}["eve"] == record["exchange_key"]
+    assert "exchange key" in ok("roster", "list", "--config", world.config)
+    code, out, err = world.verify("--updates", world.updates)
+    assert code == 0, err
+
+
+def test_roster_add_of_a_pub_from_before_key_agreement_logs_as_before(world):
+    old = SigningKey(Ed25519PrivateKey.generate())  # a signing key alone, as keys made before X25519 were
+    old.write(world.root / "keys" / "eve.key", world.pub("eve"))
+    ok("roster", "add", "--config", world.config, "--site", "eve", "--key", world.pub("eve"))
+    sites = {s["name"]: s for s in yaml.safe_load(world.config.read_text())["sites"]}
+    assert sites["eve"] == {"name": "eve", "lora_r": None, "key": old.public}
+    last = json.loads(world.log_lines()[-1])
+    assert "exchange_key" not in last and "exchange_key" not in last["roster"][-1]
+    code, out, err = world.verify("--updates", world.updates)
+    assert code == 0, err
+
+
+def test_roster_add_refuses_an_exchange_key_already_on_the_roster(world):
+    ok("keys", "new", "--out", world.root / "keys", "--name", "eve")
+    copied = world.root / "keys" / "copycat.pub"
+    copied.write_text(f"{signing_line(world.pub('eve'))}\n{world.pub('bank').read_text().splitlines()[1]}\n")
+    before = world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()
+    line = one_error(fedtune("roster", "add", "--config", world.config, "--site", "eve", "--key", copied), 2)
+    assert f"--key {copied}: its exchange key is already site bank's" in line
     assert (world.config.read_bytes(), (world.registry / "log.jsonl").read_bytes()) == before
 
 
@@ -393,7 +458,7 @@ def test_a_roster_change_killed_after_its_log_line_is_finished_by_roster_sync(fr
     """An honest crash between the log line and federation.yaml must not look like tampering: verify passes with
     a note, aggregate refuses with one line naming the fix, `roster sync` applies the committed change."""
     ok("keys", "new", "--out", fresh.root / "keys", "--name", "eve")
-    eve = fresh.pub("eve").read_text().strip()
+    eve = signing_line(fresh.pub("eve"))
     before = fresh.config.read_bytes()
     _killed_after_its_log_line("roster", "add", "--config", fresh.config, "--site", "eve", "--key", fresh.pub("eve"))
     assert fresh.config.read_bytes() == before
@@ -418,7 +483,8 @@ def test_a_roster_change_killed_after_its_log_line_is_finished_by_roster_sync(fr
     assert out.strip() == (f"wrote {fresh.config}: the roster change {fresh.registry / 'log.jsonl'} committed at "
                            "line 2 (add eve); send the sites the new federation.yaml")
     old, new = yaml.safe_load(before), yaml.safe_load(fresh.config.read_text())
-    assert new["sites"] == old["sites"] + [{"name": "eve", "lora_r": None, "key": eve}]
+    assert new["sites"] == old["sites"] + [{"name": "eve", "lora_r": None, "key": eve,
+                                            "exchange_key": fresh.pub("eve").read_text().splitlines()[1]}]
     # Every other key of federation.yaml is as it was.
     assert {k: v for k, v in new.items() if k != "sites"} == {k: v for k, v in old.items() if k != "sites"}
     assert len(fresh.log_lines()) == 2  # applied from the log, not logged again
