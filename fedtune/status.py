@@ -22,7 +22,8 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
 
     Returns:
         {"latest": {version, round, method, contributors, created}, "round", "quorum", "ready",
-         "waiting": {"folder", "sites", "missing", "unknown"}}
+         "waiting": {"folder", "sites", "missing", "unknown"}}, and under secure aggregation "unmask":
+        {"requested", "threshold", "survivors", "dropped", "answered", "not_answered"}
     """
     registry = Registry(registry_root)
     latest_dir = registry.latest()
@@ -36,7 +37,9 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
     unknown = [s if re.match(SITE_NAME, s) else ascii(s) for s in sent if s not in roster]
     arrived = [s for s in sent if s in roster]
     quorum = config.aggregation.quorum
+    unmask = _unmask_status(folder, config) if config.privacy.secure_aggregation else None
     return {
+        **({"unmask": unmask} if unmask is not None else {}),
         "latest": {
             "version": manifest["version"], "round": manifest["round"], "method": manifest.get("method"),
             "contributors": [c.get("site") for c in manifest.get("contributors", [])],
@@ -48,3 +51,19 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
         "waiting": {"folder": str(folder), "sites": arrived, "missing": [s for s in roster if s not in arrived],
                     "unknown": unknown},
     }
+
+
+def _unmask_status(folder: Path, config: FederationConfig) -> dict:
+    """Secure aggregation: whether the round's unmask request is out, and whose answer files are in (their
+    signatures are checked by `aggregate`, not here)."""
+    from fedtune.wire.secagg import REQUEST_FILE, RESPONSES_DIR, read_request
+
+    if not (folder / REQUEST_FILE).exists():
+        return {"requested": False, "threshold": config.secagg_threshold()}
+    request = read_request(folder, config.coordinator_key)
+    survivors = [s["site"] for s in request["survivors"]]
+    answers = folder / RESPONSES_DIR
+    answered = sorted(p.stem for p in answers.glob("*.json") if p.stem in survivors) if answers.is_dir() else []
+    return {"requested": True, "threshold": request["threshold"], "survivors": survivors,
+            "dropped": request["dropped"], "answered": answered,
+            "not_answered": [s for s in survivors if s not in answered]}

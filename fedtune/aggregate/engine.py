@@ -166,7 +166,7 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
                          trains=rule.trains, work=work, accepted_nonces=nonces, accepted_hashes=hashes)
     if config.privacy.secure_aggregation:
         return _aggregate_secure(config, registry, parent_dir, parent, round_dir, settings, checks, privacy, rule,
-                                 optimizer, warn)
+                                 optimizer, warn, strict)
     called = round_sample(config, round_dir, parent)  # under site sampling, only the drawn sites count
     valid, rejected, equivocations = collect_round(round_dir, checks)
     if called is not None:
@@ -237,11 +237,11 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
 
 
 def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict, round_dir: Path, settings, checks,
-                      privacy: dict, rule: Method, optimizer: ServerOptimizer, warn) -> RoundResult:
+                      privacy: dict, rule: Method, optimizer: ServerOptimizer, warn, strict: bool) -> RoundResult:
     """A masked round: unmask the survivors' sum (or write the unmask request, or wait for answers), then step."""
     from fedtune.aggregate.secure import secure_sum
 
-    outcome = secure_sum(config, registry.key, round_dir, parent, checks, settings.quorum, warn)
+    outcome = secure_sum(config, registry.key, round_dir, parent, checks, settings.quorum, warn, strict)
     if config.privacy.mode == "local":
         from fedtune.privacy.local import version_record
 

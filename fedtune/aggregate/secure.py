@@ -72,12 +72,16 @@ def prepare_checks(config: FederationConfig, parent: dict, checks: RoundChecks) 
 
 
 def secure_sum(config: FederationConfig, registry_key, round_dir: Path, parent: dict, checks: RoundChecks,
-               quorum: int, warn) -> SecureSum:
-    """Unmask the round's sum, or write the unmask request and raise Waiting, or raise Waiting for answers."""
+               quorum: int, warn, strict: bool = False) -> SecureSum:
+    """Unmask the round's sum, or write the unmask request and raise Waiting, or raise Waiting for answers.
+    strict: refuse the round (nothing written) when any update is rejected."""
     plan = prepare_checks(config, parent, checks)
     request = read_request(round_dir, config.coordinator_key)
     valid, rejected, equivocations = collect_round(round_dir, checks)
     valid = _with_shares(valid, rejected, len(plan.ctx.participants) - 1)
+    if strict and rejected:
+        first = rejected[0]
+        raise BadInput(f"{round_dir / first['site']}: {first['reason']} (--strict: the round is not aggregated)")
     if request is None:
         _request_unmasking(config, registry_key, round_dir, parent, plan, valid, rejected, quorum, warn)
     _check_request(request, config, parent, plan, round_dir)

@@ -273,6 +273,11 @@ def status(
         out.print(f"  not yet sent: {', '.join(waiting['missing'])}")
     if waiting["unknown"]:
         err.print(f"warning: folders of sites not on the roster: {', '.join(waiting['unknown'])}", markup=False)
+    unmask = report.get("unmask")
+    if unmask and unmask["requested"]:
+        out.print(f"  unmask request out: {len(unmask['answered'])} of {unmask['threshold']} answers needed"
+                  + (f"; not answered: {', '.join(unmask['not_answered'])}" if unmask["not_answered"] else "")
+                  + (f"; dropped: {', '.join(unmask['dropped'])}" if unmask["dropped"] else ""))
 
 
 @app.command(rich_help_panel=COORDINATOR_PANEL)

@@ -308,6 +308,8 @@ def test_cli_round_waits_then_completes(world, computed, tmp_path, capsys):
     aggregate = ["aggregate", "--config", cfg, "--registry", copy.registry, "--updates", copy.round1]
     code, stdout, _ = run_cli(aggregate, capsys)
     assert code == 3 and stdout.startswith("waiting: ") and "fedtune unmask" in stdout
+    code, stdout, _ = run_cli(["status", "--registry", copy.registry, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["unmask"]["not_answered"] == sorted(SITES)
     for site in SITES[:3]:
         code, stdout, stderr = run_cli(["unmask", "--config", cfg, "--site", site, "--key",
                                         copy.root / "keys" / f"{site}.key", "--round", copy.round1], capsys)
@@ -317,7 +319,7 @@ def test_cli_round_waits_then_completes(world, computed, tmp_path, capsys):
     assert code == 0, stderr
     assert json.loads(stdout)["secure_aggregation"]["unanswered"] == ["lab", "shop"] or \
         json.loads(stdout)["secure_aggregation"]["unanswered"] == sorted(set(SITES) - set(SITES[:3]))
-    code, stdout, stderr = run_cli(["verify", "--registry", copy.registry], capsys)
+    code, stdout, stderr = run_cli(["verify", "--registry", copy.registry, "--updates", copy.updates], capsys)
     assert code == 0, stdout + stderr
     code, stdout, stderr = run_cli(["log", "--registry", copy.registry], capsys)
     assert code == 0, stderr
