@@ -308,7 +308,7 @@ def test_cli_round_waits_then_completes(world, computed, tmp_path, capsys):
     aggregate = ["aggregate", "--config", cfg, "--registry", copy.registry, "--updates", copy.round1]
     code, stdout, _ = run_cli(aggregate, capsys)
     assert code == 3 and stdout.startswith("waiting: ") and "fedtune unmask" in stdout
-    code, stdout, _ = run_cli(["status", "--registry", copy.registry, "--json"], capsys)
+    code, stdout, _ = run_cli(["status", "--registry", copy.registry, "--updates", copy.updates, "--json"], capsys)
     assert code == 0 and json.loads(stdout)["unmask"]["not_answered"] == sorted(SITES)
     for site in SITES[:3]:
         code, stdout, stderr = run_cli(["unmask", "--config", cfg, "--site", site, "--key",
