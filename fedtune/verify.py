@@ -163,7 +163,24 @@ class _Verifier:
         if self.updates is not None:
             for contributor in manifest.get("contributors", []):
                 self.update(name, manifest["round"], contributor, keys)
+            if manifest.get("secure_aggregation"):
+                self.unmask_request(name, manifest)
         self.versions.append(entry)
+
+    def unmask_request(self, version: str, manifest: dict) -> None:
+        """Secure aggregation: the round's unmask request is still there, signed, and the one the version names."""
+        from fedtune.wire.secagg import REQUEST_FILE, document_sha256, read_request
+
+        folder = self.updates / f"round-{manifest['round']:04d}"
+        try:
+            request = read_request(folder, self.key)
+        except BadInput as err:
+            self.fail(str(err))
+        if request is None:
+            self.fail(f"{folder / REQUEST_FILE}: missing (the unmask request {version} was made from)")
+        if document_sha256(request) != manifest["secure_aggregation"]["request_sha256"]:
+            self.fail(f"{folder / REQUEST_FILE}: not the unmask request {version} was made from (sha256 differs)")
+        self.signatures += 1
 
     def version_files(self, folder: Path, entry: dict, where: str) -> dict:
         """The version's manifest (bytes as logged, signature, federation) and files (sha256 as signed)."""

@@ -324,6 +324,15 @@ def test_cli_round_waits_then_completes(world, computed, tmp_path, capsys):
     code, stdout, stderr = run_cli(["log", "--registry", copy.registry], capsys)
     assert code == 0, stderr
     assert "v0001" in stdout
+    code, stdout, stderr = run_cli(["log", "--registry", copy.registry, "--json"], capsys)
+    rows = json.loads(stdout)
+    rows = rows["entries"]
+    assert rows[-1]["secure_aggregation"]["survivors"] == sorted(SITES)
+    # the request the version was unmasked with is part of the audit trail: an edited one fails verify
+    request = copy.round1 / REQUEST_FILE
+    request.write_text(request.read_text().replace('"threshold": 3', '"threshold": 4'))
+    code, stdout, stderr = run_cli(["verify", "--registry", copy.registry, "--updates", copy.updates], capsys)
+    assert code == 1 and "unmask_request.json" in stdout + stderr and "signature" in stdout + stderr
 
 
 def test_an_unmasked_update_is_rejected_under_secure_aggregation(world, computed, tmp_path):
