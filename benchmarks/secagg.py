@@ -1,6 +1,6 @@
 """Secure aggregation: what masking and unmasking add to a round, in seconds and in bytes per site.
 
-    python benchmarks/secagg.py --save                                   # quickstart + 7B shapes at 4, 8, 16 sites
+    python benchmarks/secagg.py --torch-threads 1 --repeat 5 --save      # quickstart + 7B shapes at 4, 8, 16 sites
     python benchmarks/secagg.py --sizes quickstart --sites 4 --repeat 1  # checks the script in seconds
 
 Two adapter sizes, no model loaded (benchmarks/aggregate.py's way: LoRA shapes, a seeded v0000, random deltas):
@@ -438,11 +438,12 @@ def goals(rows: list[dict], sizes: list[str]) -> list[dict]:
 
 def print_report(record: dict) -> None:
     rows = record["rows"]
-    print(f"\nsecure aggregation on {record['machine']['cpu_count']} CPU cores; fedavg, clip_norm {CLIP:g}; "
-          f"median of {record['repeat']} runs per aggregation, in-process, files in the page cache")
+    print(f"\nsecure aggregation on {record['machine']['cpu_count']} CPU cores, torch threads "
+          f"{record['machine']['torch_threads']}; fedavg, clip_norm {CLIP:g}; median of {record['repeat']} runs per "
+          "aggregation, in-process, files in the page cache")
     header = (f"{'size':<10} {'weighting':<9} {'bits':>4} {'sites':>5} {'plain agg s':>11} {'encode s/site':>13} "
               f"{'mask s/site':>11} {'answer s/site':>13} {'coord pass 1 s':>14} {'coord pass 2 s':>14} {'extra s':>8} "
-              f"{'extra/plain':>11}")
+              f"{'extra/plain':>11} {'others':>6}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -450,9 +451,10 @@ def print_report(record: dict) -> None:
               f"{r['plain_median_s']:>11.3f} "
               f"{r['encode_median_s']:>13.3f} {r['mask_median_s']:>11.3f} {r['answer_median_s']:>13.4f} "
               f"{r['first_median_s']:>14.3f} {r['second_median_s']:>14.3f} {r['extra_s']:>8.3f} "
-              f"{r['extra_over_plain']:>10.2f}×")
+              f"{r['extra_over_plain']:>10.2f}× {100 * r['others_cpu_share']:>5.0f}%")
     print("\nencode = a plain site's encode_update (for reference: mask_update includes it); "
-          "extra = mask (one site) + answer (one site) + pass 1 + pass 2 − plain aggregation")
+          "extra = mask (one site) + answer (one site) + pass 1 + pass 2 − plain aggregation; others = the share of the "
+          "machine's CPU other processes used during the aggregations (above ~10 %: not a quiet machine)")
 
     print("\nbytes per site")
     header = (f"{'size':<10} {'weighting':<9} {'sites':>5} {'plain update':>12} {'masked tensors':>14} "
@@ -513,6 +515,9 @@ def main() -> None:
     parser.add_argument("--count", default="7b:16", help="SIZE:N run once more with count weighting (64-bit words); "
                         "'none' skips it [default 7b:16]")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each aggregation (median reported)")
+    parser.add_argument("--torch-threads", type=int, help="torch's threads [default: torch's own, one per core]; 1 keeps "
+                        "the timings steady when other processes hold a core (a parallel op waits for a descheduled "
+                        "worker)")
     parser.add_argument("--work", type=Path,
                         help="where rounds are built [default: a temp dir under /tmp, removed after]")
     parser.add_argument("--save", type=Path, nargs="?", const=DEFAULT_SAVE,
@@ -530,6 +535,10 @@ def main() -> None:
         if size in sizes and n.isdigit() and int(n) in sites:
             count = (size, int(n))
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     temporary = args.work is None
     work = Path(tempfile.mkdtemp(prefix="fedtune-bench-secagg-")) if temporary else args.work

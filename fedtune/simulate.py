@@ -2,9 +2,9 @@
 
 Every site gets its own key pair (out/keys/SITE.key, both public keys on the roster) and signs its updates,
 so a simulation runs the whole trust path; under secure aggregation it also masks them, and `simulate` drives
-the unmask exchange itself. A recipe site may drop out before sending, or before answering the unmask request. A recipe site may be an attacker: it trains honestly, then
-replaces its update with a forged one (`forge_update`) and signs what it sends with its own key, so only
-validation and the robust rules can stop it.
+the unmask exchange itself. A recipe site may drop out before sending, or before answering the unmask request.
+A recipe site may be an attacker: it trains honestly, then replaces its update with a forged one
+(`forge_update`) and signs what it sends with its own key, so only validation and the robust rules can stop it.
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ def secure_round(config: FederationConfig, registry: Path, round_dir: Path, answ
     try:
         return aggregate_round(config, registry, round_dir, warn=log)
     except Waiting as waiting:
-        raise BadInput(f"simulate: {round_dir.name} cannot be unmasked with the sites that answered ({waiting})") from None
+        raise BadInput(f"simulate: {round_dir.name} cannot be unmasked with the sites that answered "
+                       f"({waiting})") from None
 
 
 def forge_update(folder: Path, attack: Attack, site_key: Path | None = None) -> Path:

@@ -196,7 +196,8 @@ def seal_share(share: bytes, share_key: bytes, ctx: RoundContext, sender: str, r
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
     nonce = secrets.token_bytes(12)
-    return base64.b64encode(nonce + ChaCha20Poly1305(share_key).encrypt(nonce, share, _aad(ctx, sender, recipient))).decode()
+    sealed = ChaCha20Poly1305(share_key).encrypt(nonce, share, _aad(ctx, sender, recipient))
+    return base64.b64encode(nonce + sealed).decode()
 
 
 def open_share(sealed: str, share_key: bytes, ctx: RoundContext, sender: str, recipient: str) -> bytes | None:

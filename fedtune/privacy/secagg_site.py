@@ -7,6 +7,7 @@ clipped (or, under distributed DP, clipped and noised) and clamped to the encodi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from fedtune.privacy.secagg import (
     split_seed,
     unflatten,
 )
-from fedtune.wire.codec import WireError, canonical_json, printable
+from fedtune.wire.codec import WireError, printable
 from fedtune.wire.keys import SigningKey
 from fedtune.wire.secagg import (
     RESPONSE_FORMAT,
@@ -104,8 +105,6 @@ def mask_update(config: FederationConfig, signer: SigningKey, parent: dict, site
                                  ctx, site, holder)
               for holder, share in zip(holders, split_seed(own, plan.threshold, len(holders)))}
     shares = shares_bytes(site, ctx.round, sealed)
-    import hashlib
-
     fields = {**fields, "num_examples": None, "num_tokens": None,
               "train": {**fields["train"], "loss_first": None, "loss_last": None},
               "secagg": {**plan.record(), "shares_sha256": hashlib.sha256(shares).hexdigest(),
@@ -196,7 +195,9 @@ def _my_share(config, signer, site: str, other: str, round_dir: Path, pinned: di
     """This site's share of `other`'s self-mask seed, from `other`'s signed update as the request pins it."""
     try:
         envelope = read_envelope(round_dir / other)
-        if not envelope.signed_by(config.site_key(other) or "") or document_sha256(envelope.signed) != pinned["manifest_sha256"]:
+        if not envelope.signed_by(config.site_key(other) or ""):
+            return None
+        if document_sha256(envelope.signed) != pinned["manifest_sha256"]:
             return None
         record = envelope.manifest.secagg
         if record is None or record.protocol != PROTOCOL:

@@ -20,9 +20,9 @@ from fedtune.wire.codec import WireError, parse_json, printable
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 MAX_HEADER_BYTES = 8 << 20  # a 70B all-linear adapter's header is ~100 kB
+# Unsigned words carry masked updates (secure aggregation: integers modulo 2^32 or 2^64).
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
-               "U32": 4, "U64": 8,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+               "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 Layout = dict[str, tuple[tuple[int, ...], str]]
 
