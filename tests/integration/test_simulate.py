@@ -303,3 +303,29 @@ def test_simulate_drives_secure_aggregation_through_dropouts(tmp_path, tiny_mode
     assert not (tmp_path / "run" / "updates" / "round-0001" / "dev").exists()
     answer = json.loads((tmp_path / "run" / "updates" / "round-0001" / "unmask" / "clinic.json").read_text())
     assert set(answer["document"]["pairwise_seeds"]) == {"dev"}
+
+
+def test_the_secure_recipe_runs_through_its_dropouts(tmp_path, tiny_model, site_files):
+    """recipes/secure's own settings and dropouts, on the tiny model and its data."""
+    from fedtune.config import load_recipe
+    from fedtune.simulate import simulate
+
+    recipe, _ = load_recipe(ROOT / "recipes" / "secure")
+    assert recipe.privacy.secure_aggregation
+    drops = {s.name: s.drop.model_dump() for s in recipe.sites if s.drop}
+    path = _recipe_file(tmp_path, tiny_model, site_files, "secure-tiny", rounds=recipe.rounds,
+                        privacy=recipe.privacy.model_dump(mode="json"),
+                        aggregation=recipe.aggregation.model_dump(mode="json"))
+    data = yaml.safe_load(path.read_text())
+    names = {"software": "dev"}  # the tiny data's third site
+    for site in data["sites"]:
+        for name, drop in drops.items():
+            if site["name"] == names.get(name, name):
+                site["drop"] = drop
+    path.write_text(yaml.safe_dump(data))
+    report = simulate(path, tmp_path / "run")
+    assert len(report["rounds"]) == recipe.rounds
+    records = [json.loads((tmp_path / "run" / "registry" / r["version"] / "manifest.json").read_text())
+               ["secure_aggregation"] for r in report["rounds"]]
+    assert records[1]["dropped"] == ["dev"] and records[2]["unanswered"] == ["bank"]
+    assert all(r["modulus_bits"] == 64 for r in records)
