@@ -19,6 +19,7 @@ from pathlib import Path
 from fedtune.config import FederationConfig
 from fedtune.wire.codec import WireError, canonical_json, printable
 from fedtune.wire.manifests import Equivocation
+from fedtune.wire.secagg import RESPONSES_DIR
 from fedtune.wire.tensors import ADAPTER_FILE, Layout, expected_layout
 from fedtune.wire.update import Envelope, copy_tensors, read_envelope
 
@@ -70,8 +71,8 @@ def collect_round(round_dir: Path, checks: RoundChecks) -> tuple[list[Update], l
     rejected: list[dict] = []
     envelopes: list[Envelope] = []
     for entry in sorted(round_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
+        if entry.name.startswith(".") or entry.name == RESPONSES_DIR:
+            continue  # hidden work files; secure aggregation's answers
         label = _label(entry)
         if entry.is_file() and not entry.is_symlink():
             continue  # notes beside the updates are not updates

@@ -4,7 +4,7 @@
   update's signed manifest names the file's sha256.
 - `unmask_request.json` in the round folder, signed by the coordinator: which sites' updates are in the sum
   (survivors, each pinned by its manifest's hash) and which are not (dropped).
-- `unmask/SITE.json`, signed by the site: its answer — its own self-mask seed, its shares of the other
+- `_answers/SITE.json`, signed by the site: its answer — its own self-mask seed, its shares of the other
   survivors' seeds, and its pairwise seeds with the dropped sites.
 
 A request and a response hold their signature inside (`signature` over the canonical JSON of the rest).
@@ -26,7 +26,7 @@ from fedtune.wire.manifests import NONCE, SITE_NAME, ParentRef, Sha256, Text, Wi
 
 SHARES_FILE = "secagg_shares.json"
 REQUEST_FILE = "unmask_request.json"
-RESPONSES_DIR = "unmask"
+RESPONSES_DIR = "_answers"  # never a site name (those start with a letter or digit)
 SHARES_FORMAT = "fedtune.secagg-shares/1"
 REQUEST_FORMAT = "fedtune.unmask-request/1"
 RESPONSE_FORMAT = "fedtune.unmask-response/1"

@@ -105,6 +105,7 @@ def test_unmasked_sum_is_the_weighted_fedavg_of_the_clipped_updates(world, compu
         # each site's value is rounded once: the mean is off by at most n·step/2 over Σω
         assert torch.allclose(got[key], want[key], rtol=0, atol=len(SITES) * step / weights + 1e-7), key
     manifest = fedkit.read_manifest(result.folder)
+    assert result.rejected == [] and manifest["rejected"] == []  # the answers' folder is not an update
     record = manifest["secure_aggregation"]
     assert record["survivors"] == sorted(SITES) and record["dropped"] == [] and record["threshold"] == 3
     assert record["modulus_bits"] == 64  # count-weighted: ω = n/10⁶ needs 20 more fractional bits than 32 hold
@@ -217,7 +218,7 @@ def test_a_coordinator_that_lies_about_a_dropout_cannot_unmask_the_late_update(w
     # with the seeds right, the only thing left is dev's self-mask: removing the right one would give the delta
     # back — and a second request calling dev a survivor (to collect its self-mask's shares) is refused
     (copy.round1 / REQUEST_FILE).unlink()
-    shutil.rmtree(copy.round1 / "unmask")
+    shutil.rmtree(copy.round1 / "_answers")
     write_request(copy.round1, request(SITES, []), coordinator)
     for site in survivors:
         with pytest.raises(BadInput, match="already answered another unmask request"):

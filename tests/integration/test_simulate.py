@@ -301,7 +301,7 @@ def test_simulate_drives_secure_aggregation_through_dropouts(tmp_path, tiny_mode
     assert first["dropped"] == ["dev"] and first["survivors"] == ["bank", "clinic"]
     assert second["dropped"] == [] and second["unanswered"] == ["bank"] and second["responders"] == ["clinic", "dev"]
     assert not (tmp_path / "run" / "updates" / "round-0001" / "dev").exists()
-    answer = json.loads((tmp_path / "run" / "updates" / "round-0001" / "unmask" / "clinic.json").read_text())
+    answer = json.loads((tmp_path / "run" / "updates" / "round-0001" / "_answers" / "clinic.json").read_text())
     assert set(answer["document"]["pairwise_seeds"]) == {"dev"}
 
 
