@@ -82,7 +82,6 @@ SITE_PHASES = [
     ("fedtune.privacy.secagg_site", "round_plan", "round plan"),
     ("fedtune.privacy.secagg_site", "flatten", "flatten to float64"),
     ("fedtune.privacy.secagg", "Encoding.encode", "fixed-point encode"),
-    ("fedtune.privacy.secagg_site", "self_seed", "seeds (X25519 + HKDF)"),
     ("fedtune.privacy.secagg_site", "pair_seed", "seeds (X25519 + HKDF)"),
     ("fedtune.privacy.secagg_site", "add_masks", "masks (ChaCha20 + add)"),
     ("fedtune.privacy.secagg_site", "split_seed", "Shamir split + seal"),

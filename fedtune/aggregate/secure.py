@@ -27,7 +27,6 @@ from fedtune.privacy.secagg import (
     WEIGHT_KEY,
     RoundPlan,
     combine_seed,
-    commitment,
     remove_masks,
     round_plan,
     share_index,
@@ -78,7 +77,7 @@ def secure_sum(config: FederationConfig, registry_key, round_dir: Path, parent: 
     plan = prepare_checks(config, parent, checks)
     request = read_request(round_dir, config.coordinator_key)
     valid, rejected, equivocations = collect_round(round_dir, checks)
-    valid = _with_shares(valid, rejected, len(plan.ctx.participants) - 1)
+    valid = _with_shares(valid, rejected, plan.ctx.participants)
     if strict and rejected:
         first = rejected[0]
         raise BadInput(f"{round_dir / first['site']}: {first['reason']} (--strict: the round is not aggregated)")
@@ -130,15 +129,15 @@ def secure_sum(config: FederationConfig, registry_key, round_dir: Path, parent: 
     return SecureSum(mean, kept, rejected, equivocations, record)
 
 
-def _with_shares(valid: list[Update], rejected: list[dict], holders: int) -> list[Update]:
+def _with_shares(valid: list[Update], rejected: list[dict], holders: tuple[str, ...]) -> list[Update]:
     """An update whose sealed shares are missing or altered could never be rebuilt if its site went silent."""
     kept = []
     for update in valid:
         try:
             document = read_shares(update.folder, update.manifest["secagg"]["shares_sha256"])
             if document.site != update.site or document.round != update.manifest["round"] or \
-                    len(document.shares) != holders or update.site in document.shares:
-                raise WireError(f"{SHARES_FILE}: not one share for each other site of this round")
+                    sorted(document.shares) != sorted(holders):
+                raise WireError(f"{SHARES_FILE}: not one share for each site of this round")
             kept.append(update)
         except WireError as why:
             rejected.append({"site": update.folder.name, "reason": str(why)})
@@ -233,15 +232,10 @@ def _secrets(config, round_dir: Path, request: dict, kept: list[Update], answers
     seeds = {}
     for update in kept:
         expected = update.manifest["secagg"]["self_mask_commitment"]
-        own = answers.get(update.site, {}).get("self_mask_seed")
-        if own is not None and commitment(bytes.fromhex(own)) == expected:
-            seeds[update.site] = bytes.fromhex(own)
-            continue
-        # A holder's share carries its own index (its place among the site's holders): no answer can pose as two.
-        holders = plan.ctx.holders(update.site)
+        # A holder's share carries its own index (its place among the participants): no answer can pose as two.
         shares = [bytes.fromhex(a["self_mask_shares"][update.site]) for holder, a in answers.items()
                   if update.site in a["self_mask_shares"]
-                  and share_index(bytes.fromhex(a["self_mask_shares"][update.site])) == holders.index(holder) + 1]
+                  and share_index(bytes.fromhex(a["self_mask_shares"][update.site])) == plan.ctx.share_index(holder)]
         seed = combine_seed(shares, plan.threshold, expected) if len(shares) >= plan.threshold else None
         if seed is None:
             raise Waiting(f"{round_dir}: site {update.site}'s self-mask cannot be rebuilt from the {len(shares)} "

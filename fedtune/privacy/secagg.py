@@ -8,15 +8,20 @@ Site u of the round's participants P sends, modulo 2^k, on fixed-point integers:
 - s_uv, the pairwise seed, is HKDF-SHA256 of the X25519 agreement of u's and v's roster keys, salted with the
   federation, round and parent version, so every round has fresh seeds and a revealed seed opens nothing else.
   The pairwise masks cancel in the sum over P.
-- b_u, the self-mask seed, is derived from u's own key and its update's nonce; it is Shamir-shared t-of-(n−1)
-  among the other participants (pycryptodome, GF(2^128), two halves of 256 bits), each share encrypted to its
-  holder with ChaCha20-Poly1305 under a second key HKDF derives from the same agreement.
+- b_u, the self-mask seed, is 256 bits from the operating system, fresh for every update and kept nowhere; it
+  is Shamir-shared t-of-n among the participants, u included (pycryptodome, GF(2^128), two halves of 256 bits),
+  each share encrypted to its holder with ChaCha20-Poly1305 under a second key HKDF derives from the same
+  agreement (u's own share under its agreement with itself). No site ever reveals a whole seed: a seed is only
+  ever rebuilt from t shares.
 - PRG: the ChaCha20 keystream of a 256-bit seed (`cryptography`), read as k-bit words.
 
 When a site drops before sending, the survivors reveal their pairwise seeds with it so its masks can be
-removed; the self-masks of the survivors are removed from their seeds (a responder's own) or from t shares (a
-site that dropped before answering). A site's pairwise seeds with a dropped site and the shares of a survivor's
-self-mask are never both revealed: the unmask request partitions the participants into survivors and dropped.
+removed; every survivor's self-mask is rebuilt from t shares, whether or not it answered itself. A site's
+pairwise seeds with a dropped site and the shares of a survivor's self-mask are never both revealed: the unmask
+request partitions the participants into survivors and dropped. To open one site's update, a coordinator needs
+every other site to call it dropped (only each of them holds its pairwise seed with it) and t sites to call it a
+survivor; a site answers one request per round and holds one share, so no story told to different sites gets
+both — unless t − 1 sites collude with the coordinator (the site's own share then completes t).
 """
 
 from __future__ import annotations
@@ -60,9 +65,9 @@ class RoundContext:
             "parent": {"version": self.parent_version, "sha256": self.parent_sha256},
             "participants": list(self.participants)})).digest()
 
-    def holders(self, site: str) -> list[str]:
-        """Who holds shares of `site`'s self-mask seed, in share-index order (1, 2, …)."""
-        return [name for name in self.participants if name != site]
+    def share_index(self, holder: str) -> int:
+        """The Shamir index of `holder`'s share of every self-mask seed: its place among the participants."""
+        return self.participants.index(holder) + 1
 
 
 @dataclass(frozen=True)
@@ -132,14 +137,6 @@ def pair_seed(key, me: str, peer: str, peer_exchange_key: str, ctx: RoundContext
     return _hkdf(key.agree(peer_exchange_key, f"site {peer}'s exchange_key"), ctx.salt(), _pair_info(purpose, me, peer))
 
 
-def self_seed(key, site: str, nonce: str, ctx: RoundContext) -> bytes:
-    """b_u: a value only the holder of the site's X25519 key can compute (its agreement with its own public key),
-    bound to the round and to the update's nonce, so a site needs no state between sending and answering."""
-    own = key.agree(key.exchange_public, f"site {site}'s own exchange key")
-    info = canonical_json({"protocol": PROTOCOL, "purpose": "self-mask", "site": site, "nonce": nonce})
-    return _hkdf(own, ctx.salt(), info)
-
-
 def commitment(seed: bytes) -> str:
     """A hiding commitment to a 256-bit random seed: what a reconstructed seed is checked against."""
     return hashlib.sha256(b"fedtune secagg seed commitment\0" + seed).hexdigest()
@@ -177,7 +174,7 @@ def split_seed(seed: bytes, threshold: int, holders: int) -> list[bytes]:
     from Crypto.Protocol.SecretSharing import Shamir
 
     if not 1 < threshold <= holders:
-        raise BadInput(f"secure aggregation: threshold {threshold} needs 2 ≤ t ≤ {holders} (the other sites)")
+        raise BadInput(f"secure aggregation: threshold {threshold} needs 2 ≤ t ≤ {holders} (the sites)")
     low = Shamir.split(threshold, holders, seed[:16])
     high = Shamir.split(threshold, holders, seed[16:])
     return [index.to_bytes(2, "big") + a + b for (index, a), (_same, b) in zip(low, high)]
@@ -256,10 +253,10 @@ def unflatten(vector: np.ndarray, order: list[tuple[str, tuple[int, ...]]]) -> d
     return out
 
 
-def add_masks(words: np.ndarray, me: str, self_seed_: bytes, pair_seeds: dict[str, bytes], bits: int) -> np.ndarray:
+def add_masks(words: np.ndarray, me: str, self_seed: bytes, pair_seeds: dict[str, bytes], bits: int) -> np.ndarray:
     """y = x + PRG(b) + Σ_{v>me} PRG(s) − Σ_{v<me} PRG(s), in place modulo 2^k (numpy's unsigned words wrap)."""
     prg = Keystream(len(words), bits)
-    words += prg.words(self_seed_)
+    words += prg.words(self_seed)
     for peer, seed in pair_seeds.items():
         if me < peer:
             words += prg.words(seed)

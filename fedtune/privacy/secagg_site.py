@@ -22,6 +22,7 @@ from fedtune.config import FederationConfig
 from fedtune.errors import BadInput, StageFailed
 from fedtune.privacy.secagg import (
     PROTOCOL,
+    SEED_BYTES,
     RoundContext,
     add_masks,
     commitment,
@@ -31,7 +32,6 @@ from fedtune.privacy.secagg import (
     pair_seed,
     round_plan,
     seal_share,
-    self_seed,
     split_seed,
     unflatten,
 )
@@ -95,12 +95,11 @@ def mask_update(config: FederationConfig, signer: SigningKey, parent: dict, site
     vector, order = flatten(padded, weight)
     words = encoding.encode(vector)
 
-    nonce = secrets.token_hex(16)
-    own = self_seed(signer, site, nonce, ctx)
+    own = secrets.token_bytes(SEED_BYTES)  # b_u: kept nowhere; the round rebuilds it from t shares
     pairs = {peer: pair_seed(signer, site, peer, exchange_key(config, peer), ctx)
              for peer in ctx.participants if peer != site}
     add_masks(words, site, own, pairs, encoding.modulus_bits)
-    holders = ctx.holders(site)
+    holders = ctx.participants  # itself included: its own answer then gives one share of its seed, never the seed
     sealed = {holder: seal_share(share, pair_seed(signer, site, holder, exchange_key(config, holder), ctx, "share"),
                                  ctx, site, holder)
               for holder, share in zip(holders, split_seed(own, plan.threshold, len(holders)))}
@@ -110,7 +109,7 @@ def mask_update(config: FederationConfig, signer: SigningKey, parent: dict, site
               "secagg": {**plan.record(), "shares_sha256": hashlib.sha256(shares).hexdigest(),
                          "self_mask_commitment": commitment(own)}}
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in unflatten(words, order).items()}
-    return encode_update(tensors, fields, adapter_config, signer, extra={SHARES_FILE: shares}, nonce=nonce)
+    return encode_update(tensors, fields, adapter_config, signer, extra={SHARES_FILE: shares})
 
 
 # --- answering the unmask request ---------------------------------------------------------------------------
@@ -118,8 +117,8 @@ def mask_update(config: FederationConfig, signer: SigningKey, parent: dict, site
 
 def answer_unmask(config: FederationConfig, site: str, key: Path, round_dir: Path,
                   log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """Write `site`'s signed answer to the round's unmask request: its own self-mask seed, its shares of the other
-    survivors' seeds, and its pairwise seeds with the dropped sites — never both kinds for one site.
+    """Write `site`'s signed answer to the round's unmask request: its shares of the survivors' self-mask seeds (its
+    own included) and its pairwise seeds with the dropped sites — never both kinds for one site.
 
     A site answers one request per round (a record beside its key remembers which), so a coordinator that asked
     again with another list of survivors learns nothing more. Returns the answer's path."""
@@ -151,15 +150,13 @@ def answer_unmask(config: FederationConfig, site: str, key: Path, round_dir: Pat
                        "so it has nothing to answer")
     ctx = RoundContext(config.name, request["round"], request["parent"]["version"], request["parent"]["sha256"],
                        tuple(request["participants"]))
-    own = _own_update(config, site, round_dir, survivors[site])
+    _own_update(config, site, round_dir, survivors[site])
     request_sha = document_sha256(request)
     path = response_path(round_dir, site)
     _remember(key, site, ctx, request_sha)  # before anything is revealed: a second, different request is refused
 
     shares = {}
     for other in sorted(survivors):
-        if other == site:
-            continue
         share = _my_share(config, signer, site, other, round_dir, survivors[other], ctx)
         if share is None:
             log(f"warning: {round_dir / other}: no share for site {site} could be opened; answered without it")
@@ -168,7 +165,6 @@ def answer_unmask(config: FederationConfig, site: str, key: Path, round_dir: Pat
     fields = {
         "format": RESPONSE_FORMAT, "federation": config.name, "round": ctx.round, "site": site,
         "request_sha256": request_sha,
-        "self_mask_seed": self_seed(signer, site, own, ctx).hex(),
         "self_mask_shares": shares,
         "pairwise_seeds": {peer: pair_seed(signer, site, peer, exchange_key(config, peer), ctx).hex()
                            for peer in dropped},

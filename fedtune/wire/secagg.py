@@ -4,8 +4,8 @@
   update's signed manifest names the file's sha256.
 - `unmask_request.json` in the round folder, signed by the coordinator: which sites' updates are in the sum
   (survivors, each pinned by its manifest's hash) and which are not (dropped).
-- `_answers/SITE.json`, signed by the site: its answer — its own self-mask seed, its shares of the other
-  survivors' seeds, and its pairwise seeds with the dropped sites.
+- `_answers/SITE.json`, signed by the site: its answer — its shares of the survivors' self-mask seeds (its own
+  included) and its pairwise seeds with the dropped sites.
 
 A request and a response hold their signature inside (`signature` over the canonical JSON of the rest).
 """
@@ -69,7 +69,6 @@ class UnmaskResponse(Wire):
     round: int = Field(ge=1, le=10**9)
     site: SiteName
     request_sha256: Sha256
-    self_mask_seed: Seed
     self_mask_shares: dict[SiteName, Share] = Field(max_length=10**4)
     pairwise_seeds: dict[SiteName, Seed] = Field(max_length=10**4)
     created: Text

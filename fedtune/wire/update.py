@@ -42,14 +42,14 @@ class UpdateFiles:
 
 
 def encode_update(tensors: dict, fields: dict, adapter_config: dict, key: SigningKey | None,
-                  extra: dict[str, bytes] | None = None, nonce: str | None = None) -> UpdateFiles:
+                  extra: dict[str, bytes] | None = None) -> UpdateFiles:
     """Serialize an update computed in memory: safetensors bytes, the manifest naming their sha256 and a fresh
-    nonce (or `nonce`, when the tensors were made for it), and the site's signature of the manifest (None when the
-    federation does not use keys). `extra`: further files the manifest already names by sha256."""
+    nonce, and the site's signature of the manifest (None when the federation does not use keys). `extra`: further
+    files the manifest already names by sha256."""
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    manifest = {**fields, "sha256": hashlib.sha256(data).hexdigest(), "nonce": nonce or secrets.token_hex(16),
+    manifest = {**fields, "sha256": hashlib.sha256(data).hexdigest(), "nonce": secrets.token_hex(16),
                 **stamp()}
     parse_manifest(canonical_json(manifest), UpdateManifest, MANIFEST_FILE)  # send only what a coordinator accepts
     signature = key.sign(canonical_json(manifest)) if key is not None else None

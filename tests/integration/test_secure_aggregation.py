@@ -17,7 +17,7 @@ import fedkit
 from conftest import run_cli
 from fedtune.aggregate import aggregate_round
 from fedtune.errors import BadInput, Waiting
-from fedtune.privacy.secagg import WEIGHT_KEY, keystream, pair_seed, round_plan
+from fedtune.privacy.secagg import WEIGHT_KEY, combine_seed, keystream, pair_seed, round_plan
 from fedtune.privacy.secagg_site import answer_unmask, mask_update, site_weight
 from fedtune.train import compute_update
 from fedtune.wire import SigningKey
@@ -223,6 +223,13 @@ def test_a_coordinator_that_lies_about_a_dropout_cannot_unmask_the_late_update(w
     for site in survivors:
         with pytest.raises(BadInput, match="already answered another unmask request"):
             answer_unmask(copy.config, site, copy.root / "keys" / f"{site}.key", copy.round1)
+    # dev itself, told it survived, answers — with one share of its own seed, never the seed: t = 3 are needed
+    answer_unmask(copy.config, "dev", copy.root / "keys" / "dev.key", copy.round1)
+    own = json.loads(response_path(copy.round1, "dev").read_text())["document"]
+    assert set(own) == {"format", "federation", "round", "site", "request_sha256", "self_mask_shares",
+                        "pairwise_seeds", "created"}
+    commitment = read_envelope(copy.round1 / "dev").signed["secagg"]["self_mask_commitment"]
+    assert combine_seed([bytes.fromhex(own["self_mask_shares"]["dev"])], 1, commitment) is None
     assert plan.encoding.modulus_bits == 64
 
 
