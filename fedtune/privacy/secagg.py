@@ -87,16 +87,20 @@ class Encoding:
     def step(self) -> float:
         return 2.0 ** -self.scale_bits
 
-    def encode(self, values: np.ndarray) -> np.ndarray:
+    def encode(self, values: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """k-bit words of `values`; in_place: scale a float64 array the caller no longer needs, sparing a copy."""
         scale = 2.0 ** self.scale_bits
-        scaled = np.multiply(values, scale, dtype=np.float64)  # in place from here: one adapter-sized buffer
+        if in_place and values.dtype == np.float64:
+            scaled = np.multiply(values, scale, out=values)
+        else:
+            scaled = np.multiply(values, scale, dtype=np.float64)
         np.clip(scaled, -self.bound * scale, self.bound * scale, out=scaled)
         np.rint(scaled, out=scaled)
         # in range by construction, so the signed cast is exact and its bits are the value modulo 2^k
         return scaled.astype(SIGNED[self.modulus_bits]).view(self.word)
 
     def decode(self, words: np.ndarray) -> np.ndarray:
-        return words.astype(self.word).view(SIGNED[self.modulus_bits]).astype(np.float64) * self.step
+        return np.multiply(words.view(SIGNED[self.modulus_bits]), self.step, dtype=np.float64)
 
 
 def choose_encoding(participants: int, bound: float, precision: int = PRECISION_BITS) -> Encoding:

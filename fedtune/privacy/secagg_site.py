@@ -93,7 +93,7 @@ def mask_update(config: FederationConfig, signer: SigningKey, parent: dict, site
     weight = site_weight(config, fields["num_examples"], fields["num_tokens"])
     padded = {k: pad_rank(v.float(), k, config.lora.r) * weight for k, v in delta.items()}
     vector, order = flatten(padded, weight)
-    words = encoding.encode(vector)
+    words = encoding.encode(vector, in_place=True)
 
     own = secrets.token_bytes(SEED_BYTES)  # b_u: kept nowhere; the round rebuilds it from t shares
     pairs = {peer: pair_seed(signer, site, peer, exchange_key(config, peer), ctx)
