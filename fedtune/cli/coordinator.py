@@ -144,7 +144,10 @@ class _AggregateCommand(TyperCommand):
     def help(self) -> str:
         from fedtune.aggregate import methods_help
 
-        return f"Validate a round's updates and merge them into the next global version.\n\nMethods:\n\n{methods_help()}"
+        return ("Validate a round's updates and merge them into the next global version.\n\n"
+                "Under secure aggregation (privacy.secure_aggregation) the first run writes the round's unmask "
+                "request and exits 3, saying which sites' answers (`fedtune unmask`) it waits for; run it again "
+                f"once they are in.\n\nMethods:\n\n{methods_help()}")
 
     @help.setter
     def help(self, _value) -> None:

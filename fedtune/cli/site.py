@@ -162,9 +162,9 @@ def unmask(
 ) -> None:
     """Answer the coordinator's unmask request (secure aggregation): write this site's signed answer.
 
-    It reveals this site's own self-mask seed, its shares of the other survivors' self-mask seeds and its
-    pairwise seeds with the sites declared dropped — never both for one site. A site answers one request per
-    round (SITE.unmask-answers.json beside the key remembers which).
+    It reveals this site's shares of the survivors' self-mask seeds (its own seed's share included, never a whole
+    seed) and its pairwise seeds with the sites declared dropped — never both for one site. A site answers one
+    request per round (SITE.unmask-answers.json beside the key remembers which).
     """
     from fedtune.config import load_federation
     from fedtune.privacy.secagg_site import answer_unmask
