@@ -38,6 +38,7 @@ from fedtune.wire.secagg import (
     RESPONSES_DIR,
     SHARES_FILE,
     document_sha256,
+    partitions,
     read_request,
     read_shares,
     read_response,
@@ -178,9 +179,7 @@ def _check_request(request: dict, config: FederationConfig, parent: dict, plan: 
     if wrong:
         raise BadInput(f"{round_dir / REQUEST_FILE}: made for another {', '.join(wrong)} than this round's; move the "
                        "round folder aside and start the round again")
-    names = [s["site"] for s in request["survivors"]]
-    if len(set(names)) != len(names) or set(names) & set(request["dropped"]) or \
-            set(names) | set(request["dropped"]) != set(plan.ctx.participants):
+    if not partitions(request):  # participants were checked above to be this round's
         raise BadInput(f"{round_dir / REQUEST_FILE}: does not split the sites into survivors and dropped")
 
 

@@ -41,6 +41,7 @@ from fedtune.wire.secagg import (
     RESPONSE_FORMAT,
     SHARES_FILE,
     document_sha256,
+    partitions,
     read_request,
     read_shares,
     response_path,
@@ -139,7 +140,7 @@ def answer_unmask(config: FederationConfig, site: str, key: Path, round_dir: Pat
                        "another roster than this federation.yaml's; nothing answered")
     survivors = {s["site"]: s for s in request["survivors"]}
     dropped = request["dropped"]
-    if set(survivors) & set(dropped) or set(survivors) | set(dropped) != set(request["participants"]):
+    if not partitions(request):
         raise BadInput(f"{round_dir}: the unmask request does not split the sites into survivors and dropped; "
                        "nothing answered")
     if request["threshold"] != config.secagg_threshold():

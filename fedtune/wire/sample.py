@@ -8,12 +8,13 @@ from pathlib import Path
 
 from typing import Annotated
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from fedtune.errors import BadInput
-from fedtune.wire.codec import WireError, canonical_json, parse_json, pretty_json, printable, read_capped
-from fedtune.wire.keys import SigningKey, verify
+from fedtune.wire.codec import WireError
+from fedtune.wire.keys import SigningKey
 from fedtune.wire.manifests import SITE_NAME, ParentRef, Real, Text, Wire
+from fedtune.wire.signed import NotSigned, read_signed, write_signed
 
 SAMPLE_FORMAT = "fedtune.sample/1"
 SAMPLE_FILE = "sample.json"
@@ -36,16 +37,11 @@ class RoundSample(Wire):
 def write_sample(round_dir: Path, fields: dict, signer: SigningKey | None) -> Path:
     """Write sample.json (its signature inside: `signature` over the canonical JSON of the rest) into a new round
     folder; a round's sample is never replaced."""
-    RoundSample.model_validate(fields)
-    document = {"sample": fields, "signature": signer.sign(canonical_json(fields)) if signer else None}
-    round_dir.mkdir(parents=True, exist_ok=True)
-    path = round_dir / SAMPLE_FILE
     try:
-        with open(path, "xb") as handle:  # exclusive: a second draw for the same round fails
-            handle.write(pretty_json(document))
+        return write_signed(round_dir / SAMPLE_FILE, fields, RoundSample, signer, "sample")
     except FileExistsError:
-        raise BadInput(f"{path}: round {fields['round']}'s sample is already drawn; a round is drawn once") from None
-    return path
+        raise BadInput(f"{round_dir / SAMPLE_FILE}: round {fields['round']}'s sample is already drawn; a round is "
+                       "drawn once") from None
 
 
 def read_sample(round_dir: Path, coordinator_key: str | None) -> dict | None:
@@ -55,18 +51,10 @@ def read_sample(round_dir: Path, coordinator_key: str | None) -> dict | None:
     if not path.exists():
         return None
     try:
-        document = parse_json(read_capped(path, MAX_SAMPLE_BYTES), str(path))
-    except WireError as err:
-        raise BadInput(str(err)) from None
-    if not isinstance(document, dict) or set(document) != {"sample", "signature"}:
-        raise BadInput(f"{path}: not a round sample (expected the keys sample and signature)")
-    try:
-        sample = RoundSample.model_validate(document["sample"])
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise BadInput(f"{path}: sample.{'.'.join(map(str, first['loc']))}: {printable(first['msg'], 160)}") from None
-    if coordinator_key is not None and not verify(coordinator_key, canonical_json(document["sample"]),
-                                                  document["signature"]):
+        fields = read_signed(path, RoundSample, "sample", "a round sample", coordinator_key, MAX_SAMPLE_BYTES)
+    except NotSigned:
         raise BadInput(f"{path}: its signature is not the coordinator's (coordinator_key in federation.yaml); a "
-                       "sample only the coordinator draws decides who takes part")
-    return sample.model_dump(mode="json")
+                       "sample only the coordinator draws decides who takes part") from None
+    except WireError as err:
+        raise BadInput(f"{path}: {err}") from None
+    return RoundSample.model_validate(fields).model_dump(mode="json")

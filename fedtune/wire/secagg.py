@@ -21,8 +21,9 @@ from pydantic import Field, ValidationError
 
 from fedtune.errors import BadInput
 from fedtune.wire.codec import WireError, canonical_json, parse_json, pretty_json, printable, read_capped
-from fedtune.wire.keys import SigningKey, verify
+from fedtune.wire.keys import SigningKey
 from fedtune.wire.manifests import NONCE, SITE_NAME, ParentRef, Sha256, Text, Wire
+from fedtune.wire.signed import NotSigned, read_signed, write_signed
 
 SHARES_FILE = "secagg_shares.json"
 REQUEST_FILE = "unmask_request.json"
@@ -96,39 +97,34 @@ def read_shares(folder: Path, expected_sha256: str) -> SharesDocument:
         raise WireError(f"{SHARES_FILE}: {printable(err.errors()[0]['msg'], 160)}") from None
 
 
-def _write_signed(path: Path, fields: dict, model: type[Wire], signer: SigningKey | None) -> Path:
-    model.model_validate(fields)
-    document = {"document": fields, "signature": signer.sign(canonical_json(fields)) if signer else None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(pretty_json(document))
+def _write_once(path: Path, fields: dict, model: type[Wire], signer: SigningKey | None) -> Path:
     try:
-        os.link(tmp, path)  # exclusive: a request or an answer is made once
+        return write_signed(path, fields, model, signer, "document")
     except FileExistsError:
         raise BadInput(f"{path}: already exists; it is written once per round") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
-def _read_signed(path: Path, model: type[Wire], public_key: str | None, signer_name: str) -> dict:
-    """The document's fields, checked against `model` and signed by `public_key`. Raises WireError."""
-    document = parse_json(read_capped(path, MAX_DOCUMENT_BYTES), path.name)
-    if not isinstance(document, dict) or set(document) != {"document", "signature"}:
-        raise WireError(f"{path.name}: expected the keys document and signature")
+def _read(path: Path, model: type[Wire], what: str, public_key: str | None, signer_name: str) -> dict:
+    """The document's fields, checked and signed by `public_key`. Raises WireError naming the file."""
     try:
-        model.model_validate(document["document"])
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise WireError(f"{path.name}: {'.'.join(map(str, first['loc']))}: {printable(first['msg'], 160)}") from None
-    if public_key is not None and not verify(public_key, canonical_json(document["document"]), document["signature"]):
+        return read_signed(path, model, "document", what, public_key, MAX_DOCUMENT_BYTES)
+    except NotSigned:
         raise WireError(f"{path.name}: its signature is not {signer_name}'s (altered after signing, or signed by "
-                        "another key)")
-    return document["document"]
+                        "another key)") from None
+    except WireError as err:
+        raise WireError(f"{path.name}: {err}") from None
+
+
+def partitions(request: dict) -> bool:
+    """The request splits its participants into survivors and dropped: no site both, none left out, none twice —
+    what keeps any site's pairwise seeds and self-mask shares from both being asked for."""
+    survivors = [s["site"] for s in request["survivors"]]
+    return (len(set(survivors)) == len(survivors) and not set(survivors) & set(request["dropped"])
+            and set(survivors) | set(request["dropped"]) == set(request["participants"]))
 
 
 def write_request(round_dir: Path, fields: dict, signer: SigningKey | None) -> Path:
-    return _write_signed(round_dir / REQUEST_FILE, fields, UnmaskRequest, signer)
+    return _write_once(round_dir / REQUEST_FILE, fields, UnmaskRequest, signer)
 
 
 def read_request(round_dir: Path, coordinator_key: str | None) -> dict | None:
@@ -138,7 +134,7 @@ def read_request(round_dir: Path, coordinator_key: str | None) -> dict | None:
     if not os.path.lexists(path):
         return None
     try:
-        return _read_signed(path, UnmaskRequest, coordinator_key, "the coordinator")
+        return _read(path, UnmaskRequest, "an unmask request", coordinator_key, "the coordinator")
     except WireError as err:
         raise BadInput(f"{round_dir}/{err}") from None
 
@@ -148,9 +144,9 @@ def response_path(round_dir: Path, site: str) -> Path:
 
 
 def write_response(round_dir: Path, fields: dict, signer: SigningKey | None) -> Path:
-    return _write_signed(response_path(round_dir, fields["site"]), fields, UnmaskResponse, signer)
+    return _write_once(response_path(round_dir, fields["site"]), fields, UnmaskResponse, signer)
 
 
 def read_response(path: Path, site_key: str | None, site: str) -> dict:
     """One site's answer, signed by its roster key. Raises WireError."""
-    return _read_signed(path, UnmaskResponse, site_key, f"site {site}")
+    return _read(path, UnmaskResponse, "an unmask answer", site_key, f"site {site}")

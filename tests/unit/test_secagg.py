@@ -70,6 +70,22 @@ def test_the_prg_uses_all_256_bits_of_its_seed():
     assert np.mean(keystream(bytes(last_bit), 4096, 32) == a) < 0.01
 
 
+def test_flowers_secaggplus_prg_folds_its_seed_to_32_bits():
+    """The reference the README compares with: Flower's SecAgg+ XORs a seed's 4-byte words into one 32-bit
+    value, so two different 32-byte seeds with the same fold give the same mask; fedtune's PRG tells them apart."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    first = os.urandom(32)
+    words = bytearray(first)
+    for i in (0, 4):  # flip the same bits in two of the 4-byte words: the XOR fold is unchanged
+        words[i] ^= 0xA5
+    second = bytes(words)
+    assert first != second
+    flower = [pseudo_rand_gen(seed, 1 << 30, [(4096,)])[0] for seed in (first, second)]
+    assert np.array_equal(*flower)
+    assert np.mean(keystream(first, 4096, 32) == keystream(second, 4096, 32)) < 0.01
+
+
 def test_pairwise_masks_cancel_and_self_masks_come_off(keys):
     rng = np.random.default_rng(1)
     encoding = choose_encoding(len(CTX.participants), 1.0)
