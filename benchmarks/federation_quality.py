@@ -335,7 +335,7 @@ def measure(args) -> dict:
     plan = recipe.plan()
     if args.steps:
         plan["training"]["steps"] = args.steps
-    rounds = args.rounds or recipe.rounds
+    rounds = args.rounds or recipe.rounds.count
     steps = plan["training"]["steps"]
     kind, _, factor = args.attack.partition(":")
     attack = Attack(kind=kind, factor=float(factor or 10))

@@ -41,6 +41,13 @@ class LoraSettings(Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input during local training")
     target_modules: list[str] | Literal["all-linear"] = Field(
         ["q_proj", "v_proj"], description="names of the linear layers that get LoRA factors, or all-linear")
+    # Left out of federation.yaml while "none", so files written before it existed, and sites on an earlier
+    # fedtune, read the same.
+    quantization: Literal["none", "4bit"] = Field(
+        "none", exclude_if=lambda value: value == "none",
+        description="4bit: each site loads the base model in 4-bit NF4 with bf16 compute via bitsandbytes (QLoRA) on "
+                    "its GPU (pip install \"fedtune[qlora]\"); updates stay ordinary LoRA deltas, so aggregation is "
+                    "unchanged")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -48,6 +55,11 @@ class LoraSettings(Strict):
         if isinstance(value, str) and value != "all-linear":
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    def shape(self) -> dict:
+        """The adapter's shape as global versions record and compare it. Quantization is left out: it is how a
+        site holds the frozen base while training, not part of the adapter, so a site may change it alone."""
+        return self.model_dump(mode="json", exclude={"quantization"})
 
 
 class TrainingSettings(Strict):
@@ -241,6 +253,12 @@ class AggregationSettings(Strict):
     server_beta2: float = Field(0.99, ge=0, lt=1, description="beta2 of fedadam / fedyogi")
     server_tau: float = Field(1e-3, gt=0, description="adaptivity tau of fedadagrad / fedadam / fedyogi")
     quorum: int = Field(2, ge=1, description="fewest valid updates that make a round; below it nothing is written")
+    asynchronous: AsyncSettings | None = Field(
+        None, alias="async", description="buffered asynchronous rounds (FedBuff): {buffer: K, staleness: polynomial, "
+        "exponent: 0.5}; late updates trained from an earlier version are merged, scaled by their staleness; null: "
+        "synchronous rounds, where an update must start from the current version")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @field_validator("method")
     @classmethod
@@ -253,6 +271,22 @@ class AggregationSettings(Strict):
         if self.server_lr is not None:
             return self.server_lr
         return 1.0 if self.server_opt in ("none", "fedavgm") else 0.01
+
+
+class AsyncSettings(Strict):
+    """FedBuff (Nguyen et al. 2022): the coordinator merges every `buffer` updates whatever version each started
+    from; an update τ versions stale is scaled by s(τ) = (1 + τ)^−exponent (polynomial) or 1 (constant)."""
+
+    buffer: int = Field(ge=1, description="K: the updates merged into each version (the round waits for K)")
+    staleness: Literal["polynomial", "constant"] = Field("polynomial", description="how a stale update is scaled: "
+                                                         "polynomial (1 + τ)^−exponent, or constant (not at all)")
+    exponent: float = Field(0.5, ge=0, description="a of s(τ) = (1 + τ)^−a")
+    max_staleness: int | None = Field(None, ge=0, description="an update more versions behind is rejected "
+                                      "(null: none too old)")
+
+    def scale(self, staleness: int) -> float:
+        """s(τ): the factor an update `staleness` versions behind is merged with."""
+        return 1.0 if self.staleness == "constant" else float((1 + staleness) ** -self.exponent)
 
 
 class SecuritySettings(Strict):
@@ -342,6 +376,33 @@ class PrivacySettings(Strict):
         return self
 
 
+class RoundSettings(Strict):
+    """Who a round calls and how long it stays open."""
+
+    sample_rate: float = Field(1.0, gt=0, le=1, description="fraction q of the roster each round calls: ⌈q·n⌉ sites "
+                               "(at least the quorum), drawn with a seed made from the federation's seed, the round "
+                               "and its parent version (anyone can redo the draw), recorded in the version; 1: every "
+                               "site. Not a privacy amplification: that is privacy.sample_rate")
+    sites_per_round: int | None = Field(None, ge=1, description="call exactly this many sites each round (a seeded "
+                                        "draw as for sample_rate, which it replaces)")
+    deadline: float | None = Field(None, gt=0, description="seconds a round stays open, from its opening (its "
+                                   "sample, else its parent version's creation); then it closes with the updates "
+                                   "that arrived, if they meet the quorum. Before it, aggregate waits (exit 3) "
+                                   "while a called site has not sent. Late updates are rejected, or merged into a "
+                                   "later version with aggregation.async. null: a round closes when aggregate runs")
+
+    def samples(self) -> bool:
+        return self.sites_per_round is not None or self.sample_rate < 1
+
+    def called_count(self, roster: int, quorum: int) -> int:
+        """How many sites a round calls."""
+        import math
+
+        if self.sites_per_round is not None:
+            return min(self.sites_per_round, roster)
+        return min(roster, max(min(quorum, roster), math.ceil(self.sample_rate * roster - 1e-9)))
+
+
 class TrainingPlan(Strict):
     """What a federation file and a recipe both set: the adapter's shape and how sites train and merge."""
 
@@ -369,6 +430,17 @@ class TrainingPlan(Strict):
             if self.privacy.mode == "central":
                 raise ValueError("privacy.secure_aggregation: mode central has the coordinator clip and noise each "
                                  "update, which it cannot see; use mode distributed (each site clips and noises)")
+        if self.aggregation.asynchronous is not None:
+            from fedtune.methods import REFACTORING
+
+            if self.aggregation.method in REFACTORING:
+                raise ValueError(f"aggregation.async: {self.aggregation.method} re-factors the adapter each version, "
+                                 "so an update from an earlier version shares no basis with it; use a method that "
+                                 "merges factors (fedavg, ffa, the robust rules)")
+            if self.privacy.mode in ("central", "distributed") or self.privacy.secure_aggregation:
+                raise ValueError("aggregation.async: a stale update is scaled down, which would scale its share of "
+                                 "the DP noise or break the masks' cancellation; use synchronous rounds with "
+                                 "privacy.mode central/distributed and secure aggregation")
         return self
 
 
@@ -382,6 +454,7 @@ class FederationConfig(TrainingPlan):
     coordinator_key: str | None = Field(None, pattern=PUBLIC_KEY_RE, description="the coordinator's Ed25519 "
                                         "public key; init fills it in; sites check every version's signature with it")
     security: SecuritySettings = SecuritySettings()
+    rounds: RoundSettings = RoundSettings()
     sites: list[RosterEntry] = Field(min_length=1)
 
     _unique_sites = field_validator("sites")(_unique_names)
@@ -399,6 +472,7 @@ class FederationConfig(TrainingPlan):
             if not count / 2 < threshold <= count - 1:
                 raise ValueError(f"privacy.secagg_threshold {threshold}: with {count} sites it must be above "
                                  f"{count / 2:g} (so no two groups can each unmask) and at most {count - 1}")
+        _check_rounds(self.rounds, self, len(self.sites))
         return self
 
     def secagg_threshold(self) -> int:
@@ -430,6 +504,27 @@ class FederationConfig(TrainingPlan):
             )
 
 
+def _check_rounds(rounds: RoundSettings, plan: TrainingPlan, roster: int) -> None:
+    """A round's sample and deadline must be able to make a round under the federation's other settings."""
+    if plan.aggregation.asynchronous is not None and (rounds.deadline is not None or rounds.samples()):
+        raise ValueError("rounds.deadline/sample_rate/sites_per_round: asynchronous rounds (aggregation.async) close "
+                         "when their buffer is full and take whichever sites send; drop one of them")
+    if not rounds.samples():
+        return
+    if plan.privacy.sample_rate < 1:
+        raise ValueError("rounds.sample_rate/sites_per_round and privacy.sample_rate both sample sites; keep one "
+                         "(privacy.sample_rate: an unpredictable draw the DP accountant counts on)")
+    called = rounds.called_count(roster, plan.aggregation.quorum)
+    if plan.aggregation.asynchronous is None and called < min(plan.aggregation.quorum, roster):
+        raise ValueError(f"rounds.sites_per_round {called} is below aggregation.quorum {plan.aggregation.quorum}: "
+                         "no round could be merged")
+    if plan.privacy.secure_aggregation:
+        threshold = plan.privacy.secagg_threshold or roster // 2 + 1
+        if called < threshold:
+            raise ValueError(f"rounds: {called} sites called per round cannot unmask a round whose threshold is "
+                             f"{threshold} (privacy.secagg_threshold); call more sites")
+
+
 class Attack(Strict):
     """A simulated attacker: what it sends instead of its honest update."""
 
@@ -441,7 +536,10 @@ class Dropout(Strict):
     """A simulated site that goes silent: before sending its update, or (secure aggregation) after sending it but
     before answering the unmask request."""
 
-    stage: Literal["before-sending", "before-unmasking"]
+    stage: Literal["before-sending", "before-unmasking", "late"] = Field(description="before-sending: sends "
+                                                                          "nothing; before-unmasking: sends, then "
+                                                                          "does not answer the unmask request; late: "
+                                                                          "sends after the round has closed")
     rounds: list[int] | None = Field(None, description="the rounds it drops in (default: every round)")
 
     def drops(self, stage: str, number: int) -> bool:
@@ -465,16 +563,28 @@ class RecipeCanaries(Strict):
     repeats: int = Field(1, ge=1, le=1_000, description="times each canary is planted")
 
 
+class RecipeRounds(RoundSettings):
+    """A recipe's rounds: how many to run, and the federation's `rounds` settings."""
+
+    count: int = Field(3, ge=1, description="rounds the simulation runs")
+
+
 class Recipe(TrainingPlan):
     """A whole federation to run on one machine with `fedtune simulate`."""
 
     name: str = "simulation"
     model: str = DEFAULT_MODEL
-    rounds: int = Field(3, ge=1)
+    rounds: RecipeRounds = Field(RecipeRounds(), description="a number of rounds, or {count, sample_rate, "
+                                 "sites_per_round, deadline}")
     canaries: RecipeCanaries = RecipeCanaries()
     sites: list[RecipeSite] = Field(min_length=2)
 
     _unique_sites = field_validator("sites")(_unique_names)
+
+    @field_validator("rounds", mode="before")
+    @classmethod
+    def _round_count(cls, value: Any) -> Any:
+        return {"count": value} if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _secure_sites(self) -> Recipe:
@@ -483,11 +593,17 @@ class Recipe(TrainingPlan):
                              "simulated attacker; drop secure_aggregation or the attack")
         if not self.privacy.secure_aggregation and any(s.drop and s.drop.stage == "before-unmasking" for s in self.sites):
             raise ValueError("drop.stage before-unmasking needs privacy.secure_aggregation (only it has an unmask step)")
+        if self.privacy.secure_aggregation and any(s.drop and s.drop.stage == "late" for s in self.sites):
+            raise ValueError("drop.stage late: under secure aggregation a late update is a dropped one; use "
+                             "before-sending")
+        _check_rounds(self.rounds, self, len(self.sites))
         return self
 
     def plan(self) -> dict:
         """The recipe's settings as federation-file values."""
-        return {"name": self.name, **self.model_dump(include=set(TrainingPlan.model_fields))}
+        rounds = self.rounds.model_dump(exclude={"count"}, exclude_defaults=True)
+        return {"name": self.name, **self.model_dump(include=set(TrainingPlan.model_fields), by_alias=True),
+                **({"rounds": rounds} if rounds else {})}
 
     def roster(self) -> list[dict]:
         return [{"name": s.name, **({"lora_r": s.lora_r} if s.lora_r else {})} for s in self.sites]
@@ -551,5 +667,5 @@ def federation_to_yaml(config: FederationConfig) -> str:
         "# Sites: fedtune prepare / train-local --config federation.yaml; "
         "coordinator: fedtune aggregate --config federation.yaml\n"
     )
-    body = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    body = yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
     return header + body

@@ -40,3 +40,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
 # `sum_only`; tests/unit/test_config.py checks the two agree): the only ones differential privacy and secure
 # aggregation can run.
 SUM_ONLY = ("fedavg", "ffa")
+
+# The methods that write new factors from the products B·A (their classes declare `refactors`): a version's
+# factors share no basis with its parent's, so neither a server optimizer nor a stale update applies to them.
+REFACTORING = ("svd", "stack")

@@ -43,6 +43,9 @@ def version_name(number: int) -> str:
     return f"v{number:04d}"
 
 
+ROUND_DIR_RE = re.compile(r"^round-(\d{4,})$")
+
+
 def round_dir_name(number: int) -> str:
     """The folder of round `number`'s updates: the round that makes version `number` (round-0001 → v0001)."""
     return f"round-{number:04d}"
@@ -425,7 +428,7 @@ def checked_version(ref: Path | str, config: FederationConfig) -> tuple[Path, di
     manifest = read_version_manifest(folder, config.coordinator_key)
     if manifest["base_model"]["sha256"] != config.base_model.sha256:
         raise BadInput(f"{folder}: built on another base model than the federation's; use this federation's registry")
-    if manifest["lora"] != config.lora.model_dump(mode="json"):
+    if manifest["lora"] != config.lora.shape():
         raise BadInput(f"{folder}: LoRA settings differ from federation.yaml's; use this federation's registry")
     check_version_files(folder, manifest)
     return folder, manifest

@@ -2,7 +2,8 @@
 
 Every site gets its own key pair (out/keys/SITE.key, both public keys on the roster) and signs its updates,
 so a simulation runs the whole trust path; under secure aggregation it also masks them, and `simulate` drives
-the unmask exchange itself. A recipe site may drop out before sending, or before answering the unmask request.
+the unmask exchange itself. A recipe site may drop out before sending, or before answering the unmask request, or
+send late (a straggler: it trains from the round's parent and sends after the round has closed).
 A recipe site may be an attacker: it trains honestly, then replaces its update with a forged one
 (`forge_update`) and signs what it sends with its own key, so only validation and the robust rules can stop it.
 """
@@ -28,6 +29,7 @@ from fedtune.errors import BadInput, BudgetSpent, Waiting
 from fedtune.evaluate import evaluate
 from fedtune.federation import init_federation
 from fedtune.registry import Registry, round_dir_name
+from fedtune.rounds import open_round
 from fedtune.report import write_report
 from fedtune.privacy.dp_fedavg import next_round
 from fedtune.privacy.sampling import draw_sample, sampling
@@ -108,7 +110,7 @@ def simulate(
         "base": {s: m["loss"] for s, m in base_eval["sites"].items()}, "rounds": [],
     }
     log("eval base: " + _fmt(report["base"]))
-    for number in range(1, recipe.rounds + 1):
+    for number in range(1, recipe.rounds.count + 1):
         try:
             next_round(config, read_json(registry.latest() / "manifest.json"), "simulate")
             called = prepared
@@ -116,10 +118,17 @@ def simulate(
                 drawn = draw_sample(config, registry.root, out / "updates")["sites"]
                 called = {site: folder for site, folder in prepared.items() if site in drawn}
                 log(f"round {number}: sample drew {', '.join(drawn) or 'no site'} (q {config.privacy.sample_rate})")
+            elif config.rounds.samples():
+                drawn = open_round(config, registry.root, out / "updates").sites
+                called = {site: folder for site, folder in prepared.items() if site in drawn}
+                log(f"round {number}: called {', '.join(drawn)} (seeded draw)")
             senders = {site: folder for site, folder in called.items()
-                       if not (drops.get(site) and drops[site].drops("before-sending", number))}
+                       if not (drops.get(site) and (drops[site].drops("before-sending", number)
+                                                    or drops[site].drops("late", number)))}
             for site in sorted(set(called) - set(senders)):
-                log(f"{site}: dropped out before sending its round-{number} update")
+                if drops[site].stage == "before-sending":
+                    log(f"{site}: dropped out before sending its round-{number} update")
+            parent = registry.latest_name()
             round_dir = train_round(config, senders, registry.root, out / "updates", attacks, log=log,
                                     model_dir=model_dir, keys=keys, number=number)
         except BudgetSpent as spent:  # the coordinator's budget, or a site's own ledger under local DP
@@ -131,7 +140,16 @@ def simulate(
                          if not (drops.get(site) and drops[site].drops("before-unmasking", number))]
             result = secure_round(config, registry.root, round_dir, answering, keys, log)
         else:
-            result = aggregate_round(config, registry.root, round_dir, warn=log)
+            try:
+                result = aggregate_round(config, registry.root, round_dir, warn=log, closed=True)
+            except Waiting as waiting:  # an async buffer that the round's updates do not fill
+                raise BadInput(f"simulate: round {number} cannot be merged ({waiting}); lower "
+                               "aggregation.async.buffer to what a round sends") from None
+        # Stragglers: they trained from the round's parent and send once the round has closed.
+        for site in sorted(s for s in called if drops.get(s) and drops[s].drops("late", number)):
+            train_local(config, site, called[site], registry.path_of(parent), out / "updates", log=log,
+                        model_dir=model_dir, key=keys / f"{site}.key")
+            log(f"{site}: sent its round-{number} update late, after the round closed")
         scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
         epsilon = (read_json(result.folder / "manifest.json").get("privacy") or {}).get("epsilon")
         report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()},
@@ -141,7 +159,7 @@ def simulate(
         honest = {site: folder for site, folder in prepared.items() if site not in attacks}
         report["baselines"] = run_baselines(
             config, honest, data_dirs, registry.path_of("v0000"), out / "baselines", kinds,
-            steps_per_site=recipe.rounds * config.training.steps, base_model=base_model, log=log, model_dir=model_dir)
+            steps_per_site=recipe.rounds.count * config.training.steps, base_model=base_model, log=log, model_dir=model_dir)
     write_report(out, report)
     return report
 
@@ -190,7 +208,8 @@ def secure_round(config: FederationConfig, registry: Path, round_dir: Path, answ
     from fedtune.privacy.secagg_site import answer_unmask
 
     try:
-        return aggregate_round(config, registry, round_dir, warn=log)  # completes only if answers are in already
+        # completes only if the answers are in already
+        return aggregate_round(config, registry, round_dir, warn=log, closed=True)
     except Waiting as waiting:
         log(f"aggregate: {waiting}")
     for site in answering:
@@ -200,7 +219,7 @@ def secure_round(config: FederationConfig, registry: Path, round_dir: Path, answ
     if silent:
         log(f"not answering: {', '.join(silent)}")
     try:
-        return aggregate_round(config, registry, round_dir, warn=log)
+        return aggregate_round(config, registry, round_dir, warn=log, closed=True)
     except Waiting as waiting:
         raise BadInput(f"simulate: {round_dir.name} cannot be unmasked with the sites that answered "
                        f"({waiting})") from None

@@ -32,14 +32,14 @@ from fedtune.artifacts import read_json, sha256_file
 from fedtune.config import AggregationSettings, FederationConfig, parse_model
 from fedtune.errors import BadInput, StageFailed
 from fedtune.federation import global_manifest
-from fedtune.registry import Registry, coordinator_signer, version_name
+from fedtune.registry import ROUND_DIR_RE, Registry, coordinator_signer, version_name
 from fedtune.wire.codec import WireError, pretty_json
 from fedtune.privacy.dp_fedavg import GaussianNoise, next_round
-from fedtune.privacy.sampling import expected_sites, round_sample
+from fedtune.privacy.sampling import expected_sites
 from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, factor_of, lora_layers, rank_slice
 from fedtune.wire.version import read_version_manifest, write_version_manifest
 
-ROUND_RE = re.compile(r"^round-(\d{4,})$")
+ROUND_RE = ROUND_DIR_RE
 
 
 @dataclass
@@ -104,6 +104,8 @@ def aggregate_round(
     key: Path | None = None,
     force_new_round: bool = False,
     config_path: Path | str = "federation.yaml",
+    closed: bool = False,
+    deadline: str | None = None,
     **overrides,
 ) -> RoundResult:
     """Merge the valid updates in `round_dir` into the next global version of `registry_dir`.
@@ -117,6 +119,10 @@ def aggregate_round(
         key: the coordinator's private key (default: coordinator.key beside the registry).
         force_new_round: aggregate `round_dir` as the next round even when its name is an earlier round's.
         config_path: where `config` was read from (named in the roster check's errors).
+        closed: the caller's wait is over (a live round's deadline passed, or every called site replied): merge
+            what arrived without waiting for the round's deadline.
+        deadline: when the round closes (`aggregate --deadline`: a duration from its opening, an ISO time, or
+            now), instead of rounds.deadline. Before it, the round waits (Waiting) while a called site has not sent.
         overrides: aggregation settings that replace the federation's (method, trim, quorum, …);
             None values are ignored.
     """
@@ -126,7 +132,8 @@ def aggregate_round(
         raise TypeError(f"aggregate_round: unknown settings {unknown}")
     settings = parse_model(AggregationSettings, {**config.aggregation.model_dump(), **given}, "aggregate")
     registry = Registry(registry_dir, coordinator_signer(config, Path(registry_dir), key))
-    if not round_dir.is_dir():
+    # An asynchronous round may find its whole buffer in earlier rounds' folders.
+    if not round_dir.is_dir() and not (settings.asynchronous is not None and round_dir.parent.is_dir()):
         raise BadInput(f"{round_dir}: updates folder not found")
     with registry.lock("aggregate"):
         registry.check_roster(config, config_path)
@@ -146,13 +153,16 @@ def aggregate_round(
         work = registry.root / f".round-{number:04d}.{os.getpid()}.work"
         work.mkdir(mode=0o700)
         try:
-            return _aggregate(config, registry, parent_dir, parent, round_dir, settings, work, strict, warn)
+            return _aggregate(config, registry, parent_dir, parent, round_dir, settings, work, strict, warn,
+                              closed, deadline)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round_dir: Path, settings, work: Path,
-               strict: bool, warn) -> RoundResult:
+               strict: bool, warn, closed: bool = False, deadline: str | None = None) -> RoundResult:
+    from fedtune.aggregate.participation import close_round, collect_buffer, late_updates
+
     number = parent["round"] + 1
     rule = make_method(settings.method, settings, seed=config.seed * 100_003 + number)
     optimizer = ServerOptimizer.from_settings(settings)
@@ -164,25 +174,41 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     nonces, hashes = registry.accepted()
     checks = RoundChecks(config, parent, layout, max_bytes=2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20),
                          trains=rule.trains, work=work, accepted_nonces=nonces, accepted_hashes=hashes)
-    if config.privacy.secure_aggregation:
-        return _aggregate_secure(config, registry, parent_dir, parent, round_dir, settings, checks, privacy, rule,
-                                 optimizer, warn, strict)
-    called = round_sample(config, round_dir, parent)  # under site sampling, only the drawn sites count
-    valid, rejected, equivocations = collect_round(round_dir, checks)
-    if called is not None:
-        for update in [u for u in valid if u.site not in called]:
-            valid.remove(update)
-            rejected.append({"site": update.folder.name,
-                             "reason": f"site {update.site} was not drawn in round {number}'s sample"})
+    staleness: dict[str, tuple[int, int, float]] = {}  # nonce → (round sent for, τ, s(τ)) in async rounds
+    if settings.asynchronous is not None:
+        if rule.refactors:
+            raise BadInput(f"aggregation.async: {rule.name} re-factors the adapter each version, so a stale update "
+                           "shares no basis with it; use a method that merges factors")
+        buffer, rejected, equivocations = collect_buffer(round_dir, checks, registry, settings.asynchronous, warn)
+        valid = [item.update for item in buffer]
+        staleness = {item.update.nonce: (item.round, item.staleness, settings.asynchronous.scale(item.staleness))
+                     for item in buffer}
+        participation, poisson = None, False
+    else:
+        state = close_round(config, round_dir, parent, closed=closed, deadline=deadline)  # may wait (exit 3)
+        participation = state.record()
+        if config.privacy.secure_aggregation:
+            return _aggregate_secure(config, registry, parent_dir, parent, round_dir, settings, checks, privacy, rule,
+                                     optimizer, warn, strict, participation)
+        called = set(state.called.sites) if state.called.draw != "all" else None
+        valid, rejected, equivocations = collect_round(round_dir, checks)
+        if called is not None:
+            for update in [u for u in valid if u.site not in called]:
+                valid.remove(update)
+                rejected.append({"site": update.folder.name,
+                                 "reason": f"site {update.site} was not drawn in round {number}'s sample"})
+        poisson = state.called.draw == "poisson"  # sampled central DP: a fixed denominator, no quorum
     if strict and rejected:
         # One error line (DESIGN §8): it names the first rejected update and counts the others.
         first = rejected[0]
         others = f"; {len(rejected) - 1} other update(s) also rejected" if len(rejected) > 1 else ""
-        raise BadInput(f"{round_dir / first['site']}: {first['reason']} (--strict: the round is not aggregated{others})")
+        raise BadInput(f"{_where(round_dir, first)}: {first['reason']} (--strict: the round is not aggregated{others})")
+    if settings.asynchronous is None:
+        rejected += late_updates(round_dir, checks, registry)  # an earlier round's, recorded: not this round's fault
     for item in rejected:
-        warn(f"warning: {round_dir / item['site']}: rejected: {item['reason']}")
+        warn(f"warning: {_where(round_dir, item)}: rejected: {item['reason']}")
     # Sampled central DP releases every round whoever answered (its denominator is fixed), so no quorum holds it.
-    if len(valid) < settings.quorum and called is None:
+    if len(valid) < settings.quorum and not poisson and settings.asynchronous is None:
         raise BadInput(
             f"{round_dir}: {len(valid)} valid update(s), below the quorum of {settings.quorum}; nothing written"
             + (f" ({len(rejected)} rejected)" if rejected else "")
@@ -206,6 +232,9 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         weights = site_weights(counts, rule.weighted and settings.weighting != "uniform", settings.max_weight)
         scale = clip_factors([u.norm for u in valid], settings.clip_norm) * outlier_factors(
             [u.norm for u in valid], settings.norm_bound)
+    clipped = scale
+    if staleness:  # FedBuff: a stale update counts for less, s(τ) = (1 + τ)^−a
+        scale = scale * np.array([staleness[u.nonce][2] for u in valid])
     for update, factor in zip(valid, scale):
         if factor < 1:
             warn(f"warning: {round_dir / update.folder.name}: norm {update.norm:.4g} clipped by {factor:.3g}")
@@ -224,20 +253,30 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         {"site": u.site, "update_sha256": u.sha256, "nonce": u.nonce, "weight": round(float(w), 8),
          "num_examples": u.num_examples, "num_tokens": u.num_tokens, "rank": u.rank, "norm": round(u.norm, 6),
          **({"clip_scale": round(float(c), 6)} if c < 1 else {}),
-         **({"coefficient": round(float(coefficients[i]), 8)} if coefficients is not None else {})}
-        for i, (u, w, c) in enumerate(zip(valid, weights, scale))
+         **({"coefficient": round(float(coefficients[i]), 8)} if coefficients is not None else {}),
+         **({"round": staleness[u.nonce][0], "staleness": staleness[u.nonce][1],
+             "staleness_scale": round(staleness[u.nonce][2], 8)} if staleness else {})}
+        for i, (u, w, c) in enumerate(zip(valid, weights, clipped))
     ]
     params = {**rule.params(), "weighting": settings.weighting, "clip_norm": settings.clip_norm,
-              "max_weight": settings.max_weight, "norm_bound": settings.norm_bound, **optimizer.params()}
+              "max_weight": settings.max_weight, "norm_bound": settings.norm_bound, **optimizer.params(),
+              **({"async": settings.asynchronous.model_dump()} if settings.asynchronous is not None else {})}
     error_summary = _summarize(errors)
     fields = dict(method=rule.name, privacy=privacy, params=params, quorum=settings.quorum, rank=out_rank,
                   contributors=contributors, rejected=rejected, equivocations=equivocations,
-                  reconstruction_error=error_summary)
+                  reconstruction_error=error_summary,
+                  **({"participation": participation} if participation is not None else {}))
     return _publish(config, registry, parent_dir, parent, merged, state, out_rank, fields)
 
 
+def _where(round_dir: Path, item: dict) -> Path:
+    """The folder a rejected record names: in this round's folder, or (round-NNNN/site) in an earlier round's."""
+    return round_dir.parent / item["site"] if "/" in item["site"] else round_dir / item["site"]
+
+
 def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict, round_dir: Path, settings, checks,
-                      privacy: dict, rule: Method, optimizer: ServerOptimizer, warn, strict: bool) -> RoundResult:
+                      privacy: dict, rule: Method, optimizer: ServerOptimizer, warn, strict: bool,
+                      participation: dict | None = None) -> RoundResult:
     """A masked round: unmask the survivors' sum (or write the unmask request, or wait for answers), then step."""
     from fedtune.aggregate.secure import secure_sum
 
@@ -265,7 +304,8 @@ def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict
     fields = dict(method=rule.name, privacy=privacy, params=params, quorum=settings.quorum, rank=rank,
                   contributors=contributors, rejected=outcome.rejected, equivocations=outcome.equivocations,
                   reconstruction_error={"skipped": "not measured under secure aggregation"},
-                  secure_aggregation=outcome.record)
+                  secure_aggregation=outcome.record,
+                  **({"participation": participation} if participation is not None else {}))
     return _publish(config, registry, parent_dir, parent, merged, state, rank, fields)
 
 

@@ -173,7 +173,8 @@ def check_lineage(envelope: Envelope, checks: RoundChecks) -> None:
     if envelope.folder.name != site:
         raise Rejected(f"manifest.json names site '{site}' but the folder is '{printable(envelope.folder.name, 64)}'")
     if manifest.round != checks.number:
-        raise Rejected(f"manifest.json: update is for round {manifest.round}, this round is {checks.number}")
+        late = " (late: only aggregation.async merges updates from earlier versions)" if manifest.round < checks.number else ""
+        raise Rejected(f"manifest.json: update is for round {manifest.round}, this round is {checks.number}{late}")
     if manifest.nonce in checks.accepted_nonces:
         raise Rejected("replayed: its nonce belongs to an update already merged in an earlier round")
     if manifest.sha256 in checks.accepted_hashes:

@@ -145,9 +145,13 @@ class _AggregateCommand(TyperCommand):
         from fedtune.aggregate import methods_help
 
         return ("Validate a round's updates and merge them into the next global version.\n\n"
-                "Under secure aggregation (privacy.secure_aggregation) the first run writes the round's unmask "
-                "request and exits 3, saying which sites' answers (`fedtune unmask`) it waits for; run it again "
-                f"once they are in.\n\nMethods:\n\n{methods_help()}")
+                "Exit status 3 means the round waits, and says for what; run aggregate again later. A round with "
+                "a deadline (rounds.deadline, or --deadline) waits while a called site has not sent, then closes "
+                "with what arrived. Asynchronous rounds (aggregation.async) wait until their buffer of K updates "
+                "is full; they merge late updates from earlier round folders, scaled by staleness. Under secure "
+                "aggregation (privacy.secure_aggregation) the first run writes the round's unmask request and "
+                "waits for the sites' answers (`fedtune unmask`)."
+                f"\n\nMethods:\n\n{methods_help()}")
 
     @help.setter
     def help(self, _value) -> None:
@@ -162,17 +166,26 @@ def sample(
     key: CoordinatorKeyOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Draw which sites take part in the next round (privacy.sample_rate < 1), signed; each round is drawn once."""
+    """Open the next round: draw which sites it calls (privacy.sample_rate, or rounds.sample_rate/sites_per_round)
+    and when it closes (rounds.deadline), signed into updates/round-NNNN/sample.json; each round is drawn once."""
     from fedtune.config import load_federation
-    from fedtune.privacy.sampling import draw_sample
+    from fedtune.errors import BadInput
+    from fedtune.rounds import open_round
 
-    drawn = draw_sample(load_federation(config), registry, updates, key)
+    federation = load_federation(config)
+    if not (federation.privacy.sample_rate < 1 or federation.rounds.samples() or federation.rounds.deadline):
+        raise BadInput("sample: every site takes part in every round and rounds have no deadline, so there is "
+                       "nothing to draw (set rounds.sites_per_round, rounds.sample_rate or rounds.deadline)")
+    call = open_round(federation, registry, updates, key, reopen=False)
+    where = updates / f"round-{call.number:04d}" / "sample.json"
     if json_out:
-        print_json(drawn)
+        print_json({"round": call.number, "sites": call.sites, "draw": call.draw, "seed": call.seed,
+                    "closes_at": call.closes_at, "sample": str(where)})
         return
-    where = updates / f"round-{drawn['round']:04d}" / "sample.json"
-    out.print(f"round {drawn['round']}: {', '.join(drawn['sites']) or 'no site'} drawn "
-              f"(each with probability {drawn['sample_rate']}); written to {where}")
+    how = {"poisson": f"each with probability {federation.privacy.sample_rate}",
+           "seeded": f"seeded draw {call.seed[:12]}…" if call.seed else "seeded draw", "all": "every site"}[call.draw]
+    out.print(f"round {call.number}: {', '.join(call.sites) or 'no site'} called ({how})"
+              + (f", closes at {call.closes_at}" if call.closes_at else "") + f"; written to {where}")
 
 
 @app.command(cls=_AggregateCommand, rich_help_panel=COORDINATOR_PANEL,
@@ -196,6 +209,9 @@ def aggregate(
     force_new_round: Annotated[bool, typer.Option(
         "--force-new-round", help="merge --updates as the next round even though its name is an earlier, "
                                   "committed round's")] = False,
+    deadline: Annotated[Optional[str], typer.Option(
+        help="when the round closes: a duration from its opening (600, 30m, 2h), an ISO time, or now; before it, "
+             "aggregate waits (exit 3) while a called site has not sent \[default: rounds.deadline]")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     from fedtune.aggregate import aggregate_round
@@ -207,14 +223,14 @@ def aggregate(
             load_federation(config), registry, updates, strict=strict, warn=progress_log(), key=key,
             config_path=config, force_new_round=force_new_round, method=method, trim=trim, byzantine=byzantine,
             keep=keep, density=density, clip_norm=clip_norm, max_weight=max_weight, server_opt=server_opt,
-            server_lr=server_lr, quorum=quorum,
+            server_lr=server_lr, quorum=quorum, deadline=deadline,
         )
-    except Waiting as waiting:  # secure aggregation: the round waits for the sites' unmask answers
+    except Waiting as waiting:  # a deadline not reached, an async buffer not full, or secure aggregation's answers
         if json_out:
             print_json({"status": "waiting", "message": str(waiting), "exit_code": waiting.exit_code})
         else:
             out.print(f"waiting: {waiting}", markup=False, soft_wrap=True)
-        sys.exit(waiting.exit_code)  # a distinct status, not an error: run aggregate again once answers are in
+        sys.exit(waiting.exit_code)  # a distinct status, not an error: run aggregate again later
     if json_out:
         print_json({"version": result.version, "folder": str(result.folder), "contributors": result.contributors,
                     "rejected": result.rejected, "equivocations": result.equivocations,

@@ -52,6 +52,10 @@ def draw_sample(config: FederationConfig, registry_root: Path, updates: Path, ke
 def round_sample(config: FederationConfig, round_dir: Path, parent: dict) -> set[str] | None:
     """The sites called for the round after `parent` (None when the federation does not sample). BadInput when
     the round's folder holds no sample, or one for another round or parent."""
+    if config.rounds.samples():  # the seeded draw of rounds.sample_rate / sites_per_round
+        from fedtune.rounds import called_sites
+
+        return set(called_sites(config, round_dir, parent).sites)
     if not sampling(config):
         return None
     sample = read_sample(round_dir, config.coordinator_key)

@@ -84,6 +84,8 @@ class TrainRecord(Wire):
     loss_last: Real | None
     seconds: Real
     tokens_per_second: Real
+    # data-parallel training processes (train-local --num-processes); absent: one
+    processes: int | None = Field(None, ge=1, le=4096)
 
 
 class PrivacyRecord(Wire):
@@ -153,6 +155,11 @@ class Contributor(Wire):
     norm: Real | None
     clip_scale: Real | None = None
     coefficient: Real | None = None
+    # asynchronous rounds (aggregation.async): the round the update was sent for, how many versions behind the
+    # current one its parent was, and the factor s(τ) it was merged with
+    round: int | None = Field(None, ge=1)
+    staleness: int | None = Field(None, ge=0)
+    staleness_scale: Real | None = None
 
 
 class RejectedRecord(Wire):
@@ -208,6 +215,22 @@ class VersionSecagg(Wire):
     request_sha256: Sha256
 
 
+class VersionParticipation(Wire):
+    """Who a round called and who answered in time: the seeded draw (rounds.sample_rate / sites_per_round) or the
+    whole roster, the deadline, and how the round closed."""
+
+    called: list[str]
+    sent: list[str] = Field(description="called sites whose update was in the round folder when it closed")
+    missing: list[str] = Field(description="called sites that had sent nothing when the round closed")
+    draw: Literal["all", "seeded", "poisson"]
+    seed: Sha256 | None = Field(None, description="seeded draw: sha256 of the federation, seed, round and parent; "
+                                "random.Random(int(seed, 16)).sample(sorted roster, k) redoes it")
+    deadline: Text | None = None
+    closed: Literal["all-sent", "deadline", "on-demand"] = Field(description="all-sent: every called site had "
+                                                                 "sent; deadline: the deadline passed; on-demand: "
+                                                                 "aggregate ran (no deadline, or told to close)")
+
+
 class VersionManifest(Wire):
     """What the coordinator signs for each global version."""
 
@@ -234,6 +257,7 @@ class VersionManifest(Wire):
     lora: LoraShape
     privacy: VersionPrivacy = VersionPrivacy()
     secure_aggregation: VersionSecagg | None = None
+    participation: VersionParticipation | None = None
     adapter_sha256: Sha256
     fedtune_version: Text
     created: Text

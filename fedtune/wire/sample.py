@@ -1,19 +1,20 @@
-"""A round's sample as it travels: under privacy.sample_rate < 1 the coordinator draws which sites take part in
-a round (each with probability q, independently) and signs the draw into updates/round-NNNN/sample.json, so a
-site can check it was called and nobody can redraw a round after seeing who was picked."""
+"""A round's sample as it travels: the coordinator signs which sites a round calls into
+updates/round-NNNN/sample.json, so a site can check it was called and nobody can redraw a round after seeing who
+was picked. Under privacy.sample_rate < 1 the draw is Poisson from the OS's random source (each site with
+probability q); under rounds.sample_rate/sites_per_round it is a seeded draw of k sites anyone can redo."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from fedtune.errors import BadInput
 from fedtune.wire.codec import WireError
 from fedtune.wire.keys import SigningKey
-from fedtune.wire.manifests import SITE_NAME, ParentRef, Real, Text, Wire
+from fedtune.wire.manifests import SITE_NAME, ParentRef, Real, Sha256, Text, Wire
 from fedtune.wire.signed import NotSigned, read_signed, write_signed
 
 SAMPLE_FORMAT = "fedtune.sample/1"
@@ -32,6 +33,11 @@ class RoundSample(Wire):
     roster: int = Field(ge=1, le=10**6, description="how many sites the draw was over")
     sites: list[Annotated[str, Field(pattern=SITE_NAME)]] = Field(max_length=10**6)
     created: Text
+    # poisson: privacy.sample_rate's unpredictable draw; seeded: rounds.sample_rate/sites_per_round's draw, which
+    # anyone can redo from `seed`; all: every site (the sample only fixes when a round with a deadline opened)
+    draw: Literal["poisson", "seeded", "all"] = "poisson"
+    seed: Sha256 | None = None
+    deadline: Text | None = Field(None, description="when the round closes (rounds.deadline after `created`)")
 
 
 def write_sample(round_dir: Path, fields: dict, signer: SigningKey | None) -> Path:

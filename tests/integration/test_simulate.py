@@ -313,7 +313,7 @@ def test_the_secure_recipe_runs_through_its_dropouts(tmp_path, tiny_model, site_
     recipe, _ = load_recipe(ROOT / "recipes" / "secure")
     assert recipe.privacy.secure_aggregation
     drops = {s.name: s.drop.model_dump() for s in recipe.sites if s.drop}
-    path = _recipe_file(tmp_path, tiny_model, site_files, "secure-tiny", rounds=recipe.rounds,
+    path = _recipe_file(tmp_path, tiny_model, site_files, "secure-tiny", rounds=recipe.rounds.count,
                         privacy=recipe.privacy.model_dump(mode="json"),
                         aggregation=recipe.aggregation.model_dump(mode="json"))
     data = yaml.safe_load(path.read_text())
@@ -324,7 +324,7 @@ def test_the_secure_recipe_runs_through_its_dropouts(tmp_path, tiny_model, site_
                 site["drop"] = drop
     path.write_text(yaml.safe_dump(data))
     report = simulate(path, tmp_path / "run")
-    assert len(report["rounds"]) == recipe.rounds
+    assert len(report["rounds"]) == recipe.rounds.count
     records = [json.loads((tmp_path / "run" / "registry" / r["version"] / "manifest.json").read_text())
                ["secure_aggregation"] for r in report["rounds"]]
     assert records[1]["dropped"] == ["dev"] and records[2]["unanswered"] == ["bank"]

@@ -196,7 +196,7 @@ def test_load_recipe_from_folder_and_from_yaml_path(tmp_path):
     assert base1 == base2 == base3 == folder
     assert [s.name for s in from_folder.sites] == ["a", "b"]
     assert from_folder.sites[0].inputs == ["data/a.jsonl"]
-    assert from_folder.rounds == 2
+    assert from_folder.rounds.count == 2
 
 
 def test_load_recipe_folder_without_recipe_yaml(tmp_path):
@@ -211,7 +211,7 @@ def test_recipe_errors_reported_together(tmp_path):
     with pytest.raises(BadInput) as info:
         load_recipe(write_yaml(tmp_path / "r" / "recipe.yaml", data))
     message = str(info.value)
-    assert "rounds:" in message and "roundz: unknown key" in message
+    assert "rounds.count:" in message and "roundz: unknown key" in message
 
 
 def test_recipe_duplicate_sites_rejected(tmp_path):
@@ -249,3 +249,11 @@ def test_the_sum_only_list_agrees_with_the_methods_own_capabilities():
     from fedtune.methods import METHODS, SUM_ONLY
 
     assert set(SUM_ONLY) == {name for name in METHODS if method_class(name).sum_only}
+
+
+def test_the_refactoring_list_agrees_with_the_methods_own_capabilities():
+    """config refuses async rounds for fedtune.methods.REFACTORING (plain data); the classes declare `refactors`."""
+    from fedtune.aggregate import method_class
+    from fedtune.methods import METHODS, REFACTORING
+
+    assert set(REFACTORING) == {name for name in METHODS if method_class(name).refactors}
