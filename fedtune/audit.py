@@ -66,12 +66,15 @@ def _history_row(root: Path, number: int, entry: dict) -> dict:
         "event": "version", "line": number, "version": name, "round": entry.get("round"),
         "created": manifest.get("created", entry.get("created")), "method": manifest.get("method"),
         "params": manifest.get("params", {}),
-        "contributors": [{"site": c["site"], "weight": c["weight"]} for c in manifest.get("contributors", [])],
+        "contributors": [{"site": c["site"], "weight": c["weight"],
+                          **({"staleness": c["staleness"]} if c.get("staleness") is not None else {})}
+                         for c in manifest.get("contributors", [])],
         "rejected": [{"site": r["site"], "reason": r["reason"]} for r in manifest.get("rejected", [])],
         "equivocations": [e["site"] for e in manifest.get("equivocations", [])],
         "rolled_back_to": manifest.get("rolled_back_to"), "reason": manifest.get("reason"),
         "privacy": manifest.get("privacy") or {"mode": "none"},
         "secure_aggregation": manifest.get("secure_aggregation"),
+        "participation": manifest.get("participation"),
     }
 
 

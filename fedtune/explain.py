@@ -53,7 +53,7 @@ def _default(field) -> str:
 def reference(model: type[BaseModel] = FederationConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
     """(key path, type, default, description) of every key of `model`, nested keys after their parent."""
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias or name}"  # the key as written in the file (async, not asynchronous)
         nested = _models_in(field.annotation)
         described = field.description or (nested[0].__doc__ if nested else "") or ""
         description = " ".join(described.strip().split("\n\n")[0].split())

@@ -21,8 +21,8 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
         updates: the updates root, holding round-NNNN/<site>/ folders.
 
     Returns:
-        {"latest": {version, round, method, contributors, created}, "round", "quorum", "ready",
-         "waiting": {"folder", "sites", "missing", "unknown"}}, and under secure aggregation "unmask":
+        {"latest": {version, round, method, contributors, created}, "round", "quorum", "ready", "called",
+         "sampled", "closes_at", "waiting": {"folder", "sites", "missing", "unknown"}}, and under secure aggregation "unmask":
         {"requested", "threshold", "survivors", "dropped", "answered", "not_answered"}
     """
     registry = Registry(registry_root)
@@ -37,6 +37,7 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
     unknown = [s if re.match(SITE_NAME, s) else ascii(s) for s in sent if s not in roster]
     arrived = [s for s in sent if s in roster]
     quorum = config.aggregation.quorum
+    called, closes_at = _called(config, folder, manifest)
     unmask = _unmask_status(folder, config) if config.privacy.secure_aggregation else None
     return {
         **({"unmask": unmask} if unmask is not None else {}),
@@ -48,9 +49,25 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
         "round": number,
         "quorum": quorum,
         "ready": len(arrived) >= quorum,
-        "waiting": {"folder": str(folder), "sites": arrived, "missing": [s for s in roster if s not in arrived],
+        "called": called,
+        "sampled": len(called) < len(roster),
+        "closes_at": closes_at,
+        "waiting": {"folder": str(folder), "sites": arrived, "missing": [s for s in called if s not in arrived],
                     "unknown": unknown},
     }
+
+
+def _called(config: FederationConfig, folder: Path, parent: dict) -> tuple[list[str], str | None]:
+    """The sites the round calls and when it closes (ISO time, or None); the roster when its draw is not out yet."""
+    from fedtune.errors import BadInput
+    from fedtune.rounds import called_sites, closing_time
+
+    try:
+        called = called_sites(config, folder, parent)
+        closes = closing_time(config, folder, parent, called)
+    except BadInput:  # a Poisson-sampled round whose sample is not drawn yet
+        return config.site_names(), None
+    return called.sites, closes.isoformat() if closes is not None else None
 
 
 def _unmask_status(folder: Path, config: FederationConfig) -> dict:

@@ -288,6 +288,9 @@ def status(
               + (f" [{', '.join(waiting['sites'])}]" if waiting["sites"] else "")
               + f"; quorum {report['quorum']} — " + ("ready to aggregate" if report["ready"] else
                                                    f"{report['quorum'] - len(waiting['sites'])} more needed"))
+    if report["sampled"] or report["closes_at"]:
+        out.print(f"  called this round: {', '.join(report['called']) or 'no site'}"
+                  + (f"; the round closes at {report['closes_at']}" if report["closes_at"] else ""))
     if waiting["missing"]:
         out.print(f"  not yet sent: {', '.join(waiting['missing'])}")
     if waiting["unknown"]:

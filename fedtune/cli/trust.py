@@ -231,7 +231,7 @@ def _history_cells(row: dict) -> list[str]:
     method = f"{row['method']} ({params})" if params else str(row["method"])
     # Under secure aggregation no site's weight is known: only who was in the sum.
     contributors = ", ".join(f"{c['site']}" + (f" {c['weight']:.3f}" if c.get("weight") is not None else "")
-                             for c in row["contributors"])
+                             + (f" τ={c['staleness']}" if c.get("staleness") else "") for c in row["contributors"])
     rejected = "; ".join(f"{printable(r['site'], 64)}: {printable(r['reason'], 160)}" for r in row["rejected"])
     notes = []
     if row.get("rolled_back_to"):
@@ -242,6 +242,12 @@ def _history_cells(row: dict) -> list[str]:
         spent = privacy.get("epsilon")
         notes.append(f"ε {'n/a' if spent is None else format(spent, '.3f')} at δ {privacy.get('delta')} "
                      f"({privacy['mode']} DP, {privacy.get('rounds_accounted')} round(s))")
+    called = row.get("participation")
+    if called and (called["draw"] != "all" or called["missing"]):
+        notes.append(f"called {len(called['called'])} ({called['draw']})"
+                     + (f", missing {', '.join(called['missing'])} when "
+                        + ("the deadline passed" if called["closed"] == "deadline" else "aggregate ran")
+                        if called["missing"] else ""))
     secure = row.get("secure_aggregation")
     if secure:
         notes.append(f"secure aggregation: {len(secure['survivors'])} in the sum"

@@ -204,3 +204,32 @@ def test_a_recipe_takes_a_round_count_or_the_rounds_section():
     assert parse_model(Recipe, {"rounds": 4, "sites": sites}, "r").rounds.count == 4
     recipe = parse_model(Recipe, {"rounds": {"count": 2, "sites_per_round": 2, "deadline": 30}, "sites": sites}, "r")
     assert recipe.rounds.count == 2 and recipe.plan()["rounds"] == {"sites_per_round": 2, "deadline": 30.0}
+
+
+def test_sample_status_and_log_show_who_a_round_called_and_when_it_closes(untrained, tmp_path, capsys):
+    world = _with(untrained, tmp_path, {"rounds": {"sites_per_round": 2, "deadline": 600}})
+    args = ["--config", world.config_path, "--registry", world.registry, "--updates", world.updates]
+    code, stdout, stderr = run_cli(["sample", *args, "--json"], capsys)
+    assert code == 0, stderr
+    opened = json.loads(stdout)
+    assert opened["draw"] == "seeded" and len(opened["sites"]) == 2 and opened["closes_at"]
+    code, _, stderr = run_cli(["sample", *args], capsys)
+    assert code == 2 and "already drawn" in stderr
+    code, stdout, _ = run_cli(["status", *args], capsys)
+    assert code == 0 and f"called this round: {', '.join(opened['sites'])}" in stdout
+    assert f"the round closes at {opened['closes_at']}" in stdout
+    code, stdout, _ = run_cli(["status", *args, "--json"], capsys)
+    assert json.loads(stdout)["waiting"]["missing"] == opened["sites"]
+    _train(world, opened["sites"][0])
+    code, stdout, _ = run_cli(["aggregate", *args[:4], "--updates", world.round1], capsys)
+    assert code == 3 and opened["sites"][1] in stdout  # waits for the called site that has not sent
+    code, _, stderr = run_cli(["aggregate", *args[:4], "--updates", world.round1, "--deadline", "now",
+                               "--quorum", "1"], capsys)
+    assert code == 0, stderr
+    code, stdout, _ = run_cli(["log", "--registry", world.registry, "--json"], capsys)
+    record = json.loads(stdout)["entries"][-1]["participation"]
+    assert record["missing"] == opened["sites"][1:] and record["closed"] == "deadline"
+    from fedtune.cli.trust import _history_cells
+
+    notes = _history_cells(json.loads(stdout)["entries"][-1])[-1]
+    assert f"called 2 (seeded), missing {opened['sites'][1]} when the deadline passed" in notes

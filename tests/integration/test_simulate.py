@@ -329,3 +329,33 @@ def test_the_secure_recipe_runs_through_its_dropouts(tmp_path, tiny_model, site_
                ["secure_aggregation"] for r in report["rounds"]]
     assert records[1]["dropped"] == ["dev"] and records[2]["unanswered"] == ["bank"]
     assert all(r["modulus_bits"] == 64 for r in records)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_straggler_is_recorded_late_in_sync_rounds_and_merged_stale_in_async_ones(tmp_path, tiny_model, site_files,
+                                                                                  mode):
+    """A recipe site with drop.stage late trains from the round's parent and sends after the round closed."""
+    from fedtune.simulate import simulate
+
+    recipe = write_recipe(tmp_path, site_files, rounds=2)
+    recipe["model"] = str(tiny_model)
+    late = recipe["sites"][-1]
+    late["drop"] = {"stage": "late", "rounds": [1]}
+    if mode == "async":
+        recipe["aggregation"] = {"async": {"buffer": 2}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    simulate(path, tmp_path / "run")
+    versions = {v: json.loads((tmp_path / "run" / "registry" / v / "manifest.json").read_text()) for v in ("v0001", "v0002")}
+    assert late["name"] not in {c["site"] for c in versions["v0001"]["contributors"]}
+    assert (tmp_path / "run" / "updates" / "round-0001" / late["name"]).is_dir()  # it did send, after v0001
+    second = {c["site"]: c for c in versions["v0002"]["contributors"]}
+    sent_late = json.loads((tmp_path / "run" / "updates" / "round-0001" / late["name"] / "manifest.json").read_text())
+    if mode == "sync":  # round 2 takes the site's fresh update only; its late one is recorded
+        assert second[late["name"]]["update_sha256"] != sent_late["sha256"] and "staleness" not in second[late["name"]]
+        assert any(r["site"] == f"round-0001/{late['name']}" and r["reason"].startswith("late:")
+                   for r in versions["v0002"]["rejected"])
+    else:
+        assert second[late["name"]]["update_sha256"] == sent_late["sha256"]
+        assert second[late["name"]]["staleness"] == 1 and second[late["name"]]["staleness_scale"] == pytest.approx(2 ** -0.5)
+        assert len(second) == 2  # the buffer takes K = 2: the stale update first, then the oldest fresh one
