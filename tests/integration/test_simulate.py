@@ -359,3 +359,19 @@ def test_a_straggler_is_recorded_late_in_sync_rounds_and_merged_stale_in_async_o
         assert second[late["name"]]["update_sha256"] == sent_late["sha256"]
         assert second[late["name"]]["staleness"] == 1 and second[late["name"]]["staleness_scale"] == pytest.approx(2 ** -0.5)
         assert len(second) == 2  # the buffer takes K = 2: the stale update first, then the oldest fresh one
+
+
+def test_secure_rounds_with_a_seeded_sample_unmask_with_the_uncalled_site_as_dropped(tmp_path, tiny_model, site_files):
+    """Under secure aggregation a site the draw left out is one that dropped before sending: the called sites
+    reveal their pairwise seeds with it and the round unmasks."""
+    from fedtune.simulate import simulate
+
+    path = _recipe_file(tmp_path, tiny_model, site_files, "secure-sampled", rounds={"count": 2, "sites_per_round": 2},
+                        privacy={"secure_aggregation": True}, aggregation={"clip_norm": 10.0, "quorum": 2})
+    report = simulate(path, tmp_path / "run")
+    for entry in report["rounds"]:
+        manifest = json.loads((tmp_path / "run" / "registry" / entry["version"] / "manifest.json").read_text())
+        called = manifest["participation"]["called"]
+        assert len(called) == 2 and manifest["participation"]["draw"] == "seeded"
+        assert manifest["secure_aggregation"]["survivors"] == called
+        assert manifest["secure_aggregation"]["dropped"] == [s for s in site_files if s not in called]
