@@ -103,7 +103,7 @@ def train_baseline(
         manifest = {
             "format": BASELINE_FORMAT, "name": name, "started_from": parent["version"],
             "base_model": {"id": config.base_model.id, "sha256": config.base_model.sha256},
-            "lora": config.lora.model_dump(mode="json"), "adapter_sha256": sha,
+            "lora": config.lora.shape(), "adapter_sha256": sha,
             "baseline": {"sites": [p[0]["site"] for p in parts], "num_examples": len(ids),
                          "train": {"steps": steps, "lr": settings.lr, "batch_size": settings.batch_size,
                                    "loss_first": result.losses[0], "loss_last": result.losses[-1],

@@ -111,7 +111,13 @@ def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _write_marker(tmp, target.name.rsplit("-", 1)[0], sha)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Processes started together by a launcher each convert on first use; the first one's folder stands.
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -343,16 +349,28 @@ def chat_template_sha(tokenizer) -> str:
     return hashlib.sha256(template.encode()).hexdigest() if template else "none"
 
 
-def load_base_model(model_id: str | Path, dtype=None):
-    """Load the base causal LM in full precision, frozen, in eval mode."""
+def load_base_model(model_id: str | Path, dtype=None, quantization: str = "none"):
+    """Load the base causal LM, frozen, in eval mode: in full precision, or with `quantization` "4bit" in 4-bit
+    NF4 on this process's GPU (lora.quantization; see fedtune.qlora)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model(model_id)
+    if quantization == "4bit":
+        from fedtune import qlora
+
+        qlora.require(str(folder))
+        # Under a launcher each process loads onto its own GPU, the one LOCAL_RANK names.
+        local = os.environ.get("LOCAL_RANK")
+        kwargs = qlora.load_kwargs(int(local) if local else torch.cuda.current_device())
+    else:
+        kwargs = {"dtype": dtype or torch.float32}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise BadInput(f"{folder}: transformers cannot load it as a causal LM ({_first_line(err)})") from None
+    if quantization == "4bit":
+        model = qlora.prepare(model)
     model.requires_grad_(False)
     model.eval()
     return model

@@ -2,7 +2,9 @@
 adapter with an explicit accelerate loop, and export the delta (local − parent) as an update.
 
 The loop is written out rather than hidden in a Trainer because federated methods need to reach into
-it (proximal terms, control variates, clipping and noise for privacy).
+it (proximal terms, control variates, clipping and noise for privacy). It runs in one process, or data-parallel
+in several (`--num-processes`, `accelerate launch`, `torchrun`; see fedtune.launch): the processes split each
+batch, and process 0 alone writes the update.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedtune import models
+from fedtune import launch, models, qlora
 from fedtune.adapter import ADAPTER_FILE, adapter_config, lora_config, read_tensors
 from fedtune.aggregate import method_class
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
@@ -33,22 +35,57 @@ from fedtune.wire.sample import SAMPLE_FILE
 from fedtune.wire.update import encode_update, write_update
 
 
-def _batches(ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
-    """Endless shuffled batches, reshuffled each epoch with a fixed seed."""
+def _batches(ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless shuffled batches, reshuffled each epoch with a fixed seed.
+
+    Yields (ids, labels, rows, labelled): this process's share of the batch, the batch's rows and its labelled
+    positions. Every process draws the same order and takes a contiguous 1/world of each batch, so together they
+    take exactly the batches one process would.
+    """
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(ids), generator=generator)
         for start in range(0, len(order), batch_size):
             pick = order[start : start + batch_size]
-            yield ids[pick], labels[pick]
+            if world == 1:
+                yield ids[pick], labels[pick], len(pick), 0
+                continue
+            labelled = int((labels[pick][:, 1:] != models.IGNORE).sum())
+            share = pick.tensor_split(world)[rank]
+            if len(share):
+                yield ids[share], labels[share], len(pick), labelled
+            else:
+                # An epoch's short last batch may have fewer rows than processes. This process still has to take
+                # part in the step (DDP waits for every process's gradients), so it runs one row with no labels:
+                # its loss and gradients are zero.
+                yield ids[pick[:1]], torch.full_like(labels[pick[:1]], models.IGNORE), len(pick), labelled
 
 
-def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled positions, as `model(labels=…).loss`."""
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   labelled: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions, as `model(labels=…).loss`.
+
+    With `labelled` (the labelled positions of a whole batch split over processes), the summed cross-entropy of
+    this share divided by it: the shares' losses add up to the whole batch's mean.
+    """
     logits, target = models.labelled_logits(model, input_ids, labels)
     if target.numel() == 0:
         return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(logits, target)
+    if labelled is None:
+        return torch.nn.functional.cross_entropy(logits, target)
+    return torch.nn.functional.cross_entropy(logits, target, reduction="sum") / max(labelled, 1)
+
+
+class _Objective(torch.nn.Module):
+    """The model with its loss as `forward`. DistributedDataParallel arms its gradient all-reduce in forward(), and
+    the loss takes the labelled-positions path (models.labelled_logits) rather than the model's own forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, labelled: int | None = None) -> torch.Tensor:
+        return causal_lm_loss(self.model, input_ids, labels, labelled)
 
 
 @dataclass
@@ -73,50 +110,73 @@ def train_loop(
 ) -> LoopResult:
     """Train the model's trainable parameters for `settings.steps` optimizer steps.
 
+    Under a launched group of N processes (fedtune.launch, accelerate launch, torchrun) every process calls this
+    with the same arguments: each takes its share of every batch of `settings.batch_size` sequences, DDP averages
+    the gradients, and all end with the same weights, those one process would reach on the same batches.
+
     Args:
         model: a peft model whose LoRA parameters require grad.
         ids, labels: packed sequences [rows, seq_len]; labels -100 where no loss is taken.
-        settings: steps, lr, batch size, accumulation, warmup, weight decay, clipping.
+        settings: steps, lr, batch size (in all, over the processes), accumulation, warmup, weight decay, clipping.
         seed: fixes the batch order.
-        log: called with (step, loss) after every optimizer step.
+        log: called with (step, loss) after every optimizer step (the whole batch's loss, in every process).
     """
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
     accelerator = Accelerator(
+        # On a machine without CUDA, accelerate joins a launched group (over gloo) only when told it runs on CPU.
+        cpu=not torch.cuda.is_available(),
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         gradient_accumulation_steps=settings.grad_accum,
+        # The processes split each batch rather than each taking one: the learning-rate schedule steps once per
+        # optimizer step, not once per process.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    rank, world = accelerator.process_index, accelerator.num_processes
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # FedProx: the proximal term pulls the site towards the global version it started from.
-    anchors = [p.detach().clone() for p in params] if settings.prox_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = settings.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    objective = _Objective(model)
+    if world > 1:
+        launch.sync_trained_only(objective)
+        torch.manual_seed(seed + rank)  # LoRA dropout: each process's rows get their own masks, as rows of one batch
+    # A 4-bit base already sits on this process's GPU, and transformers refuses to move one.
+    placed = not getattr(model, "is_loaded_in_4bit", False)
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler,
+                                                          device_placement=[placed, True, True])
+    # FedProx: the proximal term pulls the site towards the global version it started from.
+    anchors = [p.detach().clone() for p in params] if settings.prox_mu > 0 else None
 
-    batches = _batches(torch.from_numpy(ids), torch.from_numpy(labels), settings.batch_size, seed)
+    batches = _batches(torch.from_numpy(ids), torch.from_numpy(labels), settings.batch_size, seed, rank, world)
     losses: list[float] = []
     tokens = 0
     started = time.perf_counter()
     for step in range(1, settings.steps + 1):
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(settings.grad_accum):
-            input_ids, target = (t.to(accelerator.device, non_blocking=True) for t in next(batches))
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss = causal_lm_loss(model, input_ids, target)
+            input_ids, target, rows, labelled = next(batches)
+            input_ids, target = (t.to(accelerator.device, non_blocking=True) for t in (input_ids, target))
+            with accelerator.accumulate(objective), accelerator.autocast():
+                # Alone: the batch's mean loss. In a group: this share's part of the batch's mean; DDP averages
+                # the processes' gradients, so × world turns that average into the gradient of the batch's mean.
+                loss = objective(input_ids, target, labelled if world > 1 else None)
+                total = loss * world if world > 1 else loss
                 if anchors is not None:
                     proximal = sum((p - a).square().sum() for p, a in zip(params, anchors))
-                    accelerator.backward(loss + 0.5 * settings.prox_mu * proximal)
-                else:
-                    accelerator.backward(loss)
+                    total = total + 0.5 * settings.prox_mu * proximal
+                accelerator.backward(total)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / settings.grad_accum
-            tokens += input_ids.numel()
+            tokens += rows * input_ids.shape[1]
+        if world > 1:
+            step_loss = accelerator.reduce(step_loss, reduction="sum")  # the shares' parts make the batch's loss
         value = step_loss.item()
         if not math.isfinite(value):
             raise StageFailed(f"train-local: loss became {value} at step {step}; lower --lr")
@@ -125,8 +185,9 @@ def train_loop(
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    model = accelerator.unwrap_model(objective).model
     model.eval()
-    return LoopResult(accelerator.unwrap_model(model), losses, tokens, seconds)
+    return LoopResult(model, losses, tokens, seconds)
 
 
 @dataclass
@@ -171,7 +232,8 @@ def train_local(
     *,
     model_dir: Path | None = None,
     key: Path | None = None,
-) -> Path:
+    num_processes: int = 1,
+) -> Path | None:
     """Train one site's update for the round after the given global version and write it, signed.
 
     Args:
@@ -184,10 +246,18 @@ def train_local(
         log: receives progress lines.
         model_dir: the folder holding this site's copy of the base model (else FEDTUNE_MODEL_DIR or its id).
         key: the site's private key (required when the federation requires signed updates).
+        num_processes: train data-parallel over this many processes on this machine (one per GPU, else CPU
+            processes); they split each batch and process 0 writes the one update. In a group that a launcher
+            started (accelerate launch, torchrun) its processes are used, and this is 1 or their number.
 
     Returns:
-        The update folder.
+        The update folder; None in a launched group's processes other than process 0, which write nothing.
     """
+    rank, world = launch.group()
+    if world > 1 and num_processes not in (1, world):
+        raise BadInput(f"--num-processes {num_processes}: this is one of {world} processes a launcher started "
+                       f"(WORLD_SIZE={world}); give --num-processes {world} or leave it out")
+    log = log if rank == 0 else (lambda _msg: None)  # process 0 speaks for the group
     signer = site_signer(config, site, key)
     _parent_dir, parent = checked_version(global_ref, config)
     target = updates / round_dir_name(parent["round"] + 1) / site
@@ -205,12 +275,40 @@ def train_local(
         # Checked before training: a roster without exchange keys, or the wrong key, cannot mask.
         round_plan(config, parent)
         require_exchange_key(config, site, signer)
+    train = _settings(config, steps, lr, batch_size)
+    launch.check(max(world, num_processes), train.batch_size, config.privacy.mode == "local", launched=world > 1)
+    if world == 1 and num_processes > 1:
+        # Located once here, not by every process: the embedded model is converted and the weights fingerprinted.
+        models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "train-local")
+        launch.run(num_processes, train_local, (config, site, data, global_ref, updates, steps, lr, batch_size),
+                   {"model_dir": model_dir, "key": key}, log)
+        if not target.is_dir():
+            raise StageFailed(f"{target}: the {num_processes} processes finished, but process 0 wrote no update")
+        return target
     update = compute_update(config, site, data, global_ref, steps, lr, batch_size, log, model_dir=model_dir)
+    if world > 1:
+        from accelerate import PartialState
+
+        # Every process has trained to the end before process 0 writes, so a failure anywhere leaves nothing.
+        PartialState().wait_for_everyone()
+        if rank != 0:
+            return None
     if config.privacy.secure_aggregation:
         files = mask_update(config, signer, parent, site, update.tensors, update.fields, update.adapter_config)
     else:
         files = encode_update(update.tensors, update.fields, update.adapter_config, signer)
     return write_update(target, files)
+
+
+def _settings(config: FederationConfig, steps: int | None, lr: float | None,
+              batch_size: int | None) -> TrainingSettings:
+    """The federation's training settings with a site's command-line overrides, checked; and, before any model is
+    loaded, that this machine can hold the base as lora.quantization asks."""
+    overrides = {k: v for k, v in {"steps": steps, "lr": lr, "batch_size": batch_size}.items() if v is not None}
+    train = parse_model(TrainingSettings, {**config.training.model_dump(), **overrides}, "train-local")
+    if config.lora.quantization == "4bit":
+        qlora.require("train-local")
+    return train
 
 
 def compute_update(
@@ -230,8 +328,7 @@ def compute_update(
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     config.require_site(site, "train-local")
-    overrides = {k: v for k, v in {"steps": steps, "lr": lr, "batch_size": batch_size}.items() if v is not None}
-    train = parse_model(TrainingSettings, {**config.training.model_dump(), **overrides}, "train-local")
+    train = _settings(config, steps, lr, batch_size)
     parent_dir, parent = checked_version(global_ref, config)
     number = parent["round"] + 1
     next_round(config, parent, "train-local")  # no training for a round the privacy budget cannot pay for
@@ -250,7 +347,7 @@ def compute_update(
     # Seeds differ by site and round so sites do not draw the same batches, yet every rerun is identical.
     seed = config.seed + 1000 * number + zlib.crc32(site.encode()) % 1000
     torch.manual_seed(seed)
-    base = models.load_base_model(weights)
+    base = models.load_base_model(weights, quantization=config.lora.quantization)
     # The site starts from the global version's first `rank` components: all of them at the
     # federation's rank, the best truncation for a smaller one (svd/stack versions are in SVD order).
     rank = config.site_rank(site)
@@ -277,6 +374,7 @@ def compute_update(
     else:
         result = train_loop(model, ids, labels, train, seed, log=progress)
     losses, seconds = result.losses, result.seconds
+    world = launch.group()[1]
 
     local = get_peft_model_state_dict(result.model, save_embedding_layers=False)
     sent = [k for k in parent_tensors if trained == "AB" or factor_of(k) != "A"]
@@ -299,6 +397,8 @@ def compute_update(
                else {"loss_first": losses[0], "loss_last": losses[-1]}),
             "seconds": round(seconds, 3),
             "tokens_per_second": round(result.tokens_per_second, 1),
+            # Absent for one process, so such an update reads the same to a coordinator on an earlier fedtune.
+            **({"processes": world} if world > 1 else {}),
         },
         "privacy": privacy,
     }

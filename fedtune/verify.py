@@ -201,7 +201,7 @@ class _Verifier:
         if self.config is not None:
             if manifest["base_model"]["sha256"] != self.config.base_model.sha256:
                 self.fail(f"{path}: built on another base model than federation.yaml's")
-            if manifest["lora"] != self.config.lora.model_dump(mode="json"):
+            if manifest["lora"] != self.config.lora.shape():
                 self.fail(f"{path}: LoRA settings differ from federation.yaml's")
         return manifest
 
@@ -223,7 +223,8 @@ class _Verifier:
     def update(self, version: str, number: int, contributor: dict, keys: dict[str, str | None]) -> None:
         """A merged update is still in the updates root: its bytes as merged, its manifest signed by its site."""
         site = contributor["site"]
-        folder = self.find_update(number, site, contributor["update_sha256"])
+        # An asynchronous version names the round each update was sent for: its folder is round-(that)/<site>.
+        folder = self.find_update(contributor.get("round") or number, site, contributor["update_sha256"])
         try:
             envelope = read_envelope(folder)
         except WireError as err:

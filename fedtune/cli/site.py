@@ -124,10 +124,17 @@ def train_local_cmd(
     updates: Annotated[Path, typer.Option("--out", help="updates root; writes round-NNNN/<site>/")],
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps \\[default: training.steps of the federation file]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="learning rate \\[default: training.lr]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="sequences per step \\[default: training.batch_size]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=(
+        "sequences per micro-batch, in all: with --num-processes N each process takes 1/N of them \\[default: "
+        "training.batch_size]"))] = None,
     key: Annotated[Optional[Path], typer.Option(
         "--key", help="this site's private key (SITE.key from `fedtune keys new`); signs the update \\[required once "
                       "the roster holds keys]")] = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help=(
+        "train data-parallel over N processes on this machine: one per GPU (nccl), or N CPU processes (gloo). They "
+        "split each batch, so the update is the one a single process would train (to rounding, and but for LoRA "
+        "dropout's masks), and process 0 writes it. Under `accelerate launch` or `torchrun` the launched processes "
+        "are used instead"))] = 1,
     model_dir: ModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -136,7 +143,9 @@ def train_local_cmd(
     from fedtune.train import train_local
 
     folder = train_local(load_federation(config), site, data, global_ref, updates, steps, lr, batch_size,
-                         log=progress_log(), model_dir=model_dir, key=key)
+                         log=progress_log(), model_dir=model_dir, key=key, num_processes=num_processes)
+    if folder is None:  # a launched group's process other than 0: process 0 writes and reports the update
+        return
     manifest = json.loads((folder / "manifest.json").read_text())
     signed = (folder / "manifest.sig").is_file()
     if json_out:
@@ -147,7 +156,7 @@ def train_local_cmd(
                 else "losses kept at the site")
         spent = manifest["privacy"].get("epsilon")
         out.print(f"wrote {folder}: round {manifest['round']}, {t['steps']} steps, {loss}, {t['tokens_per_second']} "
-                  "tokens/s" + (f", record-level ε {spent:.3f}" if spent is not None else "")
+                  "tokens/s" + (f" over {num_processes} processes" if num_processes > 1 else "") + (f", record-level ε {spent:.3f}" if spent is not None else "")
                   + (", masked for secure aggregation" if manifest.get("secagg") else "")
                   + (", signed" if signed else ", unsigned"))
 
