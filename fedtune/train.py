@@ -265,9 +265,10 @@ def train_local(
         raise BadInput(f"{target}: already exists; this site has already sent an update for round {parent['round'] + 1}")
     called = round_sample(config, target.parent, parent)
     if called is not None and site not in called:
+        how = (f"rounds calls {len(called)} of {len(config.sites)} sites, a seeded draw" if config.rounds.samples()
+               else f"each round calls each site with probability {config.privacy.sample_rate}")
         raise BadInput(f"{target.parent / SAMPLE_FILE}: site {site} was not drawn for round {parent['round'] + 1}; "
-                       "it sends nothing this round (each round calls each site with probability "
-                       f"{config.privacy.sample_rate})")
+                       f"it sends nothing this round ({how})")
     if config.privacy.secure_aggregation:
         from fedtune.privacy.secagg import round_plan
         from fedtune.privacy.secagg_site import mask_update, require_exchange_key
