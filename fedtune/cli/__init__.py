@@ -170,3 +170,4 @@ from fedtune.cli import site  # noqa: E402,F401,I001
 from fedtune.cli import coordinator  # noqa: E402,F401
 from fedtune.cli import trust  # noqa: E402,F401
 from fedtune.cli import privacy  # noqa: E402,F401
+from fedtune.cli import live  # noqa: E402,F401
