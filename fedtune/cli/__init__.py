@@ -148,7 +148,12 @@ def main() -> None:
 
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Without standalone mode a Ctrl-C comes back as a return value (130), not as an exception.
+        if code == 130:
+            _fail("aborted", 130)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FedtuneError as problem:
         if os.environ.get("FEDTUNE_DEBUG"):
             raise
