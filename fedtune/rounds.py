@@ -69,15 +69,15 @@ class Called:
 def called_sites(config: FederationConfig, round_dir: Path, parent: dict) -> Called:
     """The sites the round after `parent` calls. BadInput when a sample the federation needs is missing, or the
     round folder's sample is for another round, or disagrees with the seeded draw."""
-    from fedtune.privacy.sampling import round_sample
-
-    if _privacy_sampling(config):
-        sites = round_sample(config, round_dir, parent)
-        sample = read_sample(round_dir, config.coordinator_key)
-        return Called(sorted(sites), "poisson", None, _parse_time(sample["created"], round_dir / SAMPLE_FILE))
     sample = read_sample(round_dir, config.coordinator_key)
     if sample is not None:
         _check_sample_round(sample, round_dir, parent)
+    if _privacy_sampling(config):
+        if sample is None:
+            raise BadInput(f"{round_dir / SAMPLE_FILE}: not found; under privacy.sample_rate "
+                           f"{config.privacy.sample_rate} the coordinator draws each round's sites first "
+                           "(`fedtune sample`)")
+        return Called(sorted(sample["sites"]), "poisson", None, _parse_time(sample["created"], round_dir / SAMPLE_FILE))
     if config.rounds.samples():
         sites, seed = seeded_draw(config, parent)
         if sample is not None and (sample["draw"] != "seeded" or sample["seed"] != seed or sample["sites"] != sites):
@@ -114,15 +114,11 @@ def open_round(config: FederationConfig, registry_root: Path, updates_root: Path
             and read_sample(round_dir, config.coordinator_key) is None:
         sites, seed = seeded_draw(config, parent) if config.rounds.samples() else (sorted(config.site_names()), None)
         now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-        fields = {
-            "format": SAMPLE_FORMAT, "federation": config.name, "round": number,
-            "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
-            "sample_rate": len(sites) / len(config.sites), "roster": len(config.sites), "sites": sites,
-            # draw all: every site is called, and the file fixes the round's opening time for its deadline
-            "created": now.isoformat(), "draw": "seeded" if seed else "all", "seed": seed,
-            "deadline": (now + datetime.timedelta(seconds=config.rounds.deadline)).isoformat()
-            if config.rounds.deadline is not None else None,
-        }
+        deadline = (now + datetime.timedelta(seconds=config.rounds.deadline)).isoformat() \
+            if config.rounds.deadline is not None else None
+        # draw all: every site is called, and the file fixes the round's opening time for its deadline
+        fields = sample_fields(config, parent, sites, len(sites) / len(config.sites), now,
+                               draw="seeded" if seed else "all", seed=seed, deadline=deadline)
         write_sample(round_dir, fields, coordinator_signer(config, registry.root, key_path))
     called = called_sites(config, round_dir, parent)
     closes = closing_time(config, round_dir, parent, called)
@@ -131,6 +127,17 @@ def open_round(config: FederationConfig, registry_root: Path, updates_root: Path
         left = max(0.0, (closes - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
     return RoundCall(number, called.sites, left, called.draw, called.seed,
                      closes.isoformat() if closes is not None else None)
+
+
+def sample_fields(config: FederationConfig, parent: dict, sites: list[str], sample_rate: float,
+                  created: datetime.datetime, **draw) -> dict:
+    """The fields of the round-after-`parent`'s sample.json (`draw`: draw, seed, deadline for a seeded draw)."""
+    return {
+        "format": SAMPLE_FORMAT, "federation": config.name, "round": parent["round"] + 1,
+        "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
+        "sample_rate": sample_rate, "roster": len(config.sites), "sites": sites,
+        "created": created.isoformat(timespec="seconds"), **draw,
+    }
 
 
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)?$")

@@ -13,7 +13,7 @@ from fedtune.artifacts import read_json
 from fedtune.config import FederationConfig
 from fedtune.errors import BadInput
 from fedtune.registry import Registry, coordinator_signer, round_dir_name
-from fedtune.wire.sample import SAMPLE_FILE, SAMPLE_FORMAT, read_sample, write_sample
+from fedtune.wire.sample import write_sample
 
 
 def sampling(config: FederationConfig) -> bool:
@@ -39,32 +39,19 @@ def draw_sample(config: FederationConfig, registry_root: Path, updates: Path, ke
     signer = coordinator_signer(config, registry.root, key_path)
     draw = secrets.SystemRandom()
     sites = [site.name for site in config.sites if draw.random() < config.privacy.sample_rate]
-    fields = {
-        "format": SAMPLE_FORMAT, "federation": config.name, "round": number,
-        "parent": {"version": parent["version"], "sha256": parent["adapter_sha256"]},
-        "sample_rate": config.privacy.sample_rate, "roster": len(config.sites), "sites": sites,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    from fedtune.rounds import sample_fields
+
+    fields = sample_fields(config, parent, sites, config.privacy.sample_rate,
+                           datetime.datetime.now(datetime.timezone.utc))
     write_sample(updates / round_dir_name(number), fields, signer)
     return fields
 
 
 def round_sample(config: FederationConfig, round_dir: Path, parent: dict) -> set[str] | None:
-    """The sites called for the round after `parent` (None when the federation does not sample). BadInput when
-    the round's folder holds no sample, or one for another round or parent."""
-    if config.rounds.samples():  # the seeded draw of rounds.sample_rate / sites_per_round
-        from fedtune.rounds import called_sites
-
-        return set(called_sites(config, round_dir, parent).sites)
-    if not sampling(config):
+    """The sites called for the round after `parent` (None when the federation calls every site). BadInput when
+    the round's folder holds no sample the draw needs, or one for another round or parent (rounds.called_sites)."""
+    if not (sampling(config) or config.rounds.samples()):
         return None
-    sample = read_sample(round_dir, config.coordinator_key)
-    if sample is None:
-        raise BadInput(f"{round_dir / SAMPLE_FILE}: not found; under privacy.sample_rate {config.privacy.sample_rate} "
-                       "the coordinator draws each round's sites first (`fedtune sample`)")
-    number = parent["round"] + 1
-    if sample["round"] != number or sample["parent"]["version"] != parent["version"] \
-            or sample["parent"]["sha256"] != parent["adapter_sha256"]:
-        raise BadInput(f"{round_dir / SAMPLE_FILE}: drawn for round {sample['round']} after "
-                       f"{sample['parent']['version']}, not round {number} after {parent['version']}")
-    return set(sample["sites"])
+    from fedtune.rounds import called_sites
+
+    return set(called_sites(config, round_dir, parent).sites)
