@@ -3,6 +3,8 @@
     python benchmarks/aggregate.py                          # 7B-Llama LoRA shapes at 4, 16, 64 sites + whole process
     python benchmarks/aggregate.py --sites 4,16             # less disk (1.1 GB instead of 4.3 GB of updates)
     python benchmarks/aggregate.py --preset tiny --whole-preset tiny --sites 2,4 --repeat 1   # checks the script
+    python benchmarks/aggregate.py --only none --whole-repeat 5 --whole-rows threads2,before --before-tree /tmp/old
+                                                            # whole process only, against an earlier source tree
 
 Round 1 of a real federation is built on disk under --work (reused by later runs): federation.yaml with
 a coordinator key and a roster of 64 sites, each with its own Ed25519 key; a registry whose v0000 is
@@ -22,9 +24,13 @@ its own process, on warm page-cache files, so peak RSS is its own:
                      A ← Σ√(p_k·s)·A_k, B ← Σ√(p_k·s)·B_k (not fedavg's product, same cost); "svd" forms
                      each dense d×k product and takes its SVD.
   whole process      `fedtune aggregate` (signature checks, validation, merge, write, commit), with
-                     fedtune's default settings and with aggregation.report_error: true, vs "the Flower
-                     way": a process that loads every update with safetensors.numpy, runs `aggregate`,
-                     adds the parent and saves.
+                     fedtune's default settings, vs "the Flower way": a process that loads every update
+                     with safetensors.numpy, runs `aggregate`, adds the parent and saves. --whole-rows adds
+                     aggregation.report_error: true (error), FEDTUNE_THREADS=2 (threads2) and an earlier
+                     fedtune source tree (before, --before-tree DIR, e.g. `git archive HEAD | tar -x -C DIR`).
+                     The rows run interleaved; each fedtune row's v0001 sha256 is recorded (the same bytes
+                     from every row and run), with the load average before each run and the thread count
+                     the merge chose.
 
 Prints wall time (the median of the runs after the first in one process, and the first run), update
 GB/s (total update bytes / wall time), peak RSS (VmHWM, file pages mapped by mmap included) and peak
@@ -643,6 +649,12 @@ def child(task: dict) -> dict:
         for sites in task["sites"]:
             build_round(layout, task["preset"], sites, lambda *a: print(*a, file=sys.stderr, flush=True))
         return {}
+    if kind == "config":  # federation.yaml as the fedtune on sys.path writes it (an earlier one may lack keys)
+        layout = Layout(Path(task["work"]), task["preset"])
+        from fedtune.config import federation_to_yaml
+
+        Path(task["out"]).write_text(federation_to_yaml(federation(layout, task["preset"])))
+        return {}
     if kind == "compare":
         return {"max_abs_diff": whole_agreement(Path(task["ours"]), Path(task["theirs"]))}
     result = {"engine": child_engine, "flower": child_flower, "peft": child_peft}[kind](task)
@@ -670,8 +682,9 @@ def run_process(cmd: list[str], log_file: Path, env: dict) -> tuple[float, float
 # --------------------------------------------------------------------------------------- main
 
 
-def run_child(task: dict, env: dict, show_stderr: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps(task)]
+def run_child(task: dict, env: dict, show_stderr: bool = False, isolated: bool = False) -> dict:
+    """Run `task` in a child process; `isolated`: import fedtune from PYTHONPATH only (not beside this script)."""
+    cmd = [sys.executable, *(["-P"] if isolated else []), __file__, "--child", json.dumps(task)]
     done = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE, text=True, env=env)
     if done.returncode != 0:
         return {"failed": (done.stderr or "")[-2000:]}
@@ -715,6 +728,9 @@ def main() -> None:
     parser.add_argument("--whole-preset", choices=sorted(PRESETS), default="smollm2-135m")
     parser.add_argument("--whole-sites", type=int, default=16, help="updates for the whole-process rows; 0 skips them")
     parser.add_argument("--whole-repeat", type=int, default=3)
+    parser.add_argument("--whole-rows", default="error", help="whole-process rows besides flower and fedtune: "
+                        f"{', '.join(k for k in WHOLE_ROWS if k not in ('flower', 'fedtune'))} [default: error]")
+    parser.add_argument("--before-tree", type=Path, help="a source tree of an earlier fedtune, run as the 'before' row")
     parser.add_argument("--torch-threads", type=int, help="torch threads for fedtune and peft (OMP_NUM_THREADS for "
                         "the whole-process runs) [default: torch's own, one per core]")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedtune-bench-aggregate"), help="cache of generated rounds")
@@ -844,7 +860,20 @@ def agreement(record: dict, say) -> None:
     record["agreement"] = checks
 
 
+# Whole-process rows: short name (for --whole-rows) → row name. "flower" and "fedtune" are always run; the
+# default config runs last in each round of runs, so its v0001 is there afterwards to compare with Flower's.
+WHOLE_ROWS = {
+    "flower": "flower way",
+    "before": "fedtune aggregate (before: --before-tree)",
+    "threads2": "fedtune aggregate (FEDTUNE_THREADS=2)",
+    "error": "fedtune aggregate (report_error: true)",
+    "fedtune": "fedtune aggregate",
+}
+
+
 def whole_process(args, env: dict, say) -> dict:
+    from fedtune.aggregate import round_threads
+
     spec = spec_of(args.whole_preset)
     per_update = update_bytes(spec)
     layout = Layout(args.work, args.whole_preset)
@@ -861,40 +890,84 @@ def whole_process(args, env: dict, say) -> dict:
     flower_out = layout.root / "flower-out" / ADAPTER
     fedtune_cli = Path(sys.executable).parent / "fedtune"
     fedtune_cmd = [str(fedtune_cli)] if fedtune_cli.is_file() else [sys.executable, "-m", "fedtune.cli"]
-    # The default config runs last, so its v0001 is there afterwards to compare with the Flower way's output.
+    merge = ["aggregate", "--registry", str(layout.registry), "--updates", str(round_dir)]
+    wanted = {"flower", "fedtune"} | {r.strip() for r in args.whole_rows.split(",") if r.strip()}
+    unknown = wanted - set(WHOLE_ROWS)
+    if unknown or ("before" in wanted and not args.before_tree):
+        sys.exit(f"--whole-rows: choose from {', '.join(WHOLE_ROWS)} ('before' needs --before-tree)")
+    before_config = layout.fed / "federation-before.yaml"
+    if "before" in wanted:
+        written = run_child({"kind": "config", "preset": args.whole_preset, "work": str(args.work),
+                             "out": str(before_config)}, {**env, "PYTHONPATH": str(args.before_tree)}, isolated=True)
+        if "failed" in written:
+            sys.exit(f"--before-tree {args.before_tree}: could not write its federation.yaml\n{written['failed']}")
+    # name → (command, environment)
     commands = {
-        "flower way": [sys.executable, __file__, "--flower-process", str(round_dir),
-                       str(layout.registry / "v0000" / ADAPTER), str(flower_out)],
-        "fedtune aggregate (report_error: true)": fedtune_cmd + [
-            "aggregate", "--config", str(layout.config_error), "--registry", str(layout.registry), "--updates", str(round_dir)],
-        "fedtune aggregate": fedtune_cmd + ["aggregate", "--config", str(layout.config), "--registry", str(layout.registry),
-                                            "--updates", str(round_dir)],
+        "flower": ([sys.executable, __file__, "--flower-process", str(round_dir),
+                    str(layout.registry / "v0000" / ADAPTER), str(flower_out)], env),
+        # An earlier fedtune (a source tree, e.g. from `git archive`) in the same interleaved runs: before/after.
+        "before": ([sys.executable, "-P", "-m", "fedtune.cli", *merge, "--config", str(before_config)],
+                   {**env, "PYTHONPATH": str(args.before_tree)}),
+        "threads2": (fedtune_cmd + merge + ["--config", str(layout.config)], {**env, "FEDTUNE_THREADS": "2"}),
+        "error": (fedtune_cmd + merge + ["--config", str(layout.config_error)], env),
+        "fedtune": (fedtune_cmd + merge + ["--config", str(layout.config)], env),
     }
+    commands = {WHOLE_ROWS[k]: v for k, v in commands.items() if k in wanted}
     runs = {name: [] for name in commands}
     logs = layout.root / "logs"
     logs.mkdir(exist_ok=True)
     for attempt in range(args.whole_repeat):
-        for name, cmd in commands.items():  # interleaved, so a noisy moment hits every contender
+        for name, (cmd, run_env) in commands.items():  # interleaved, so a noisy moment hits every contender
             reset_registry(layout)
             warm(layout.update_files(sites) + [layout.registry / "v0000" / ADAPTER])
-            wall, rss, code, others = run_process(cmd, logs / f"{name.split()[0]}-{attempt}.log", env)
+            load = os.getloadavg()[0]
+            # What the merge will choose (an earlier fedtune, the before row, left torch at its default)
+            threads = round_threads()[0] if name == "fedtune aggregate" or "report_error" in name else None
+            log = logs / f"{name.split()[0]}-{attempt}.log"
+            wall, rss, code, others = run_process(cmd, log, run_env)
             if code != 0:
-                sys.exit(f"{name} failed ({code}):\n{(logs / f'{name.split()[0]}-{attempt}.log').read_text()[-3000:]}")
-            runs[name].append({"seconds": wall, "peak_rss_mb": rss, "others_cpu_share": others})
-            say(f"  {name:<38} run {attempt + 1}: {wall:6.2f} s   peak RSS {rss:6.0f} MB   others {100 * others:3.0f}% CPU")
+                sys.exit(f"{name} failed ({code}):\n{log.read_text()[-3000:]}")
+            run = {"seconds": wall, "peak_rss_mb": rss, "others_cpu_share": others, "load_average_1min": load}
+            if name != "flower way":
+                # What the merge chose (FEDTUNE_THREADS unset: from the load just before it started), and what it
+                # wrote: every fedtune row must write the same bytes.
+                run["threads"] = threads or int(run_env.get("FEDTUNE_THREADS", 0)) or None
+                run["merged_sha256"] = sha256_of(layout.registry / "v0001" / ADAPTER)
+            runs[name].append(run)
+            say(f"  {name:<42} run {attempt + 1}: {wall:6.2f} s   peak RSS {rss:6.0f} MB   others {100 * others:3.0f}% CPU"
+                f"   load {load:4.1f}" + (f"   threads {run['threads']}" if run.get("threads") else ""))
     # The fedtune output (last run of the default config) against the Flower way's.
     diff = run_child({"kind": "compare", "ours": str(layout.registry / "v0001" / ADAPTER), "theirs": str(flower_out)},
                      env).get("max_abs_diff", float("nan"))
     say(f"  check fedtune v0001 vs the Flower way's output: max |diff| {diff:.2e}")
+    merged = {r["merged_sha256"] for items in runs.values() for r in items if "merged_sha256" in r}
+    say(f"  fedtune v0001 {ADAPTER} sha256: {', '.join(sorted(merged))}"
+        + (" (the same from every fedtune row and run)" if len(merged) == 1 else " — DIFFERENT BYTES"))
     reset_registry(layout)
     result = {"preset": args.whole_preset, "sites": sites, "update_bytes": per_update, "update_bytes_total": total,
-              "max_abs_diff_vs_flower": diff, "rows": {}}
+              "max_abs_diff_vs_flower": diff, "merged_sha256": sorted(merged), "cpu_count": os.cpu_count(),
+              "rows": {}}
+    flower = runs["flower way"]
     for name, items in runs.items():
         seconds = statistics.median(r["seconds"] for r in items)
-        result["rows"][name] = {"seconds": seconds, "gb_per_s": total / seconds / 1e9,
-                                "peak_rss_mb": max(r["peak_rss_mb"] for r in items),
-                                "others_cpu_share": max(r["others_cpu_share"] for r in items), "runs": items}
+        row = {"seconds": seconds, "gb_per_s": total / seconds / 1e9,
+               "peak_rss_mb": max(r["peak_rss_mb"] for r in items),
+               "others_cpu_share": max(r["others_cpu_share"] for r in items),
+               "load_average_1min": statistics.median(r["load_average_1min"] for r in items), "runs": items}
+        if name != "flower way":
+            # Flower's time over fedtune's (> 1: fedtune faster): of the medians, and the median of the ratios of
+            # runs made one after the other (less sensitive to the load changing during the benchmark).
+            row["ratio_vs_flower"] = statistics.median(r["seconds"] for r in flower) / seconds
+            row["ratio_vs_flower_paired"] = statistics.median(f["seconds"] / r["seconds"] for f, r in zip(flower, items))
+        result["rows"][name] = row
     return result
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def whole_agreement(ours: Path, theirs: Path) -> float:
@@ -935,11 +1008,14 @@ def goals(record: dict, site_counts: list[int]) -> list[dict]:
         out.append({"goal": f"whole `fedtune aggregate` not slower than the Flower way ({whole['sites']} updates, "
                             "fedtune's default settings)",
                     "result": "PASS" if ours["seconds"] <= theirs["seconds"] else "MISS",
-                    "detail": f"{ours['seconds']:.2f} s vs {theirs['seconds']:.2f} s"})
-        off = whole["rows"]["fedtune aggregate (report_error: true)"]
-        out.append({"goal": "  same, with aggregation.report_error: true",
-                    "result": "PASS" if off["seconds"] <= theirs["seconds"] else "MISS",
-                    "detail": f"{off['seconds']:.2f} s vs {theirs['seconds']:.2f} s"})
+                    "detail": f"{ours['seconds']:.2f} s vs {theirs['seconds']:.2f} s (×{ours['ratio_vs_flower']:.2f}; "
+                              f"paired runs ×{ours['ratio_vs_flower_paired']:.2f}; load {ours['load_average_1min']:.1f} "
+                              f"on {whole['cpu_count']} cores)"})
+        off = whole["rows"].get("fedtune aggregate (report_error: true)")
+        if off:
+            out.append({"goal": "  same, with aggregation.report_error: true",
+                        "result": "PASS" if off["seconds"] <= theirs["seconds"] else "MISS",
+                        "detail": f"{off['seconds']:.2f} s vs {theirs['seconds']:.2f} s"})
     return out
 
 
@@ -974,12 +1050,16 @@ def print_table(record: dict, args) -> None:
     if whole:
         print(f"\nwhole process, {whole['preset']}: {whole['sites']} updates of {whole['update_bytes'] / 1e6:.1f} MB "
               f"(median of {args.whole_repeat} interleaved runs, imports and writing included)")
-        flower = whole["rows"]["flower way"]["seconds"]
+        print(f"  {'':<42} {'wall s':>7} {'GB/s':>6}   {'peak RSS':>8}   {'others':>6}  {'load':>5}  speed vs Flower "
+              f"(its s / ours: of medians, paired runs)")
         for name, row in whole["rows"].items():
-            ratio = f"×{flower / row['seconds']:.2f}" if name != "flower way" else ""
-            print(f"  {name:<38} {row['seconds']:>7.2f} s {row['gb_per_s']:>6.2f} GB/s   peak RSS {row['peak_rss_mb']:>6.0f} MB"
-                  f"   others ≤{100 * row['others_cpu_share']:3.0f}%  {ratio}")
-        print(f"  fedtune's v0001 vs the Flower way's output: max |diff| {whole['max_abs_diff_vs_flower']:.1e}")
+            ratio = (f"×{row['ratio_vs_flower']:.2f}, ×{row['ratio_vs_flower_paired']:.2f}"
+                     if "ratio_vs_flower" in row else "")
+            print(f"  {name:<42} {row['seconds']:>7.2f} {row['gb_per_s']:>6.2f}   {row['peak_rss_mb']:>5.0f} MB   "
+                  f"≤{100 * row['others_cpu_share']:4.0f}%  {row['load_average_1min']:>5.1f}  {ratio}")
+        print(f"  fedtune's v0001 vs the Flower way's output: max |diff| {whole['max_abs_diff_vs_flower']:.1e}; "
+              f"v0001 sha256 {', '.join(h[:16] + '…' for h in whole['merged_sha256'])}"
+              + (" (all fedtune rows and runs)" if len(whole["merged_sha256"]) == 1 else " — DIFFERENT BYTES"))
     noisy = [r for r in record["rows"] if r.get("others_cpu_share", 0) > 0.1]
     if whole:
         noisy += [r for r in whole["rows"].values() if r["others_cpu_share"] > 0.1]

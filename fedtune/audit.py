@@ -116,6 +116,11 @@ def rollback(config: FederationConfig, registry: Path, to: str, reason: str, key
 
     store = Registry(registry, coordinator_signer(config, Path(registry), key))
     with store.lock("rollback"):
+        held = store.held()
+        if held:
+            name = held[0]["version"]
+            raise BadInput(f"{store.root / name}: held on monitoring alerts; decide it first with `fedtune promote "
+                           f"{name}` or `fedtune promote {name} --reject`, then roll back")
         current = store.latest_name()
         if to not in {v.get("version") for v in store.versions()}:
             raise BadInput(f"--to {to}: not a version of {store.root} "

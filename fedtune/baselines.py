@@ -126,6 +126,9 @@ def run_baselines(
     log: Callable[[str], None] = lambda _msg: None,
     *,
     model_dir: Path | None = None,
+    tasks: dict | None = None,
+    task_examples: int = 0,
+    max_new_tokens: int = 32,
 ) -> dict[str, dict[str, float]]:
     """Train and evaluate the baselines `kinds` into out/local/<site>/ and out/central/.
 
@@ -135,11 +138,21 @@ def run_baselines(
         start: the version every baseline starts from (v0000).
         steps_per_site: the steps one site spends in the federation (rounds × steps).
         base_model: a loaded base model to evaluate with (reused, left as it was).
+        tasks: filled with {kind: {site: task metrics}} when `task_examples` is above 0 (see `evaluate`).
+        task_examples, max_new_tokens: held-out prompts answered per site, and the longest answer.
 
     Returns:
         {"local": {site: eval loss on its own split}, "central": {site: eval loss}}, for the kinds asked.
     """
     results: dict[str, dict[str, float]] = {}
+    tasked = {"task_examples": task_examples, "max_new_tokens": max_new_tokens, "model_dir": model_dir}
+    tasks = {} if tasks is None else tasks
+
+    def keep_tasks(kind: str, scores: dict) -> None:
+        found = {site: m["task"] for site, m in scores["sites"].items() if "task" in m}
+        if found:
+            tasks.setdefault(kind, {}).update(found)
+
     if base_model is None:
         base_model = models.load_base_model(
             models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "baselines"))
@@ -148,13 +161,16 @@ def run_baselines(
         for site, folder in honest.items():
             adapter = train_baseline(config, [folder], start, steps_per_site, out / "local" / site, f"local-{site}", log,
                                      model_dir=model_dir)
-            results["local"][site] = evaluate(config, adapter, [folder], base_model=base_model)["sites"][site]["loss"]
+            scores = evaluate(config, adapter, [folder], base_model=base_model, **tasked)
+            keep_tasks("local", scores)
+            results["local"][site] = scores["sites"][site]["loss"]
             log(f"eval local-{site}: {site} {results['local'][site]:.4f}")
     if "central" in kinds:
         steps = steps_per_site * len(honest)
         adapter = train_baseline(config, list(honest.values()), start, steps, out / "central", "central", log,
                                  model_dir=model_dir)
-        scores = evaluate(config, adapter, eval_data, base_model=base_model)
+        scores = evaluate(config, adapter, eval_data, base_model=base_model, **tasked)
+        keep_tasks("central", scores)
         results["central"] = {s: m["loss"] for s, m in scores["sites"].items()}
         log("eval central: " + ", ".join(f"{s} {v:.4f}" for s, v in results["central"].items()))
     return results

@@ -98,9 +98,13 @@ class PiiSettings(Strict):
     @field_validator("countries")
     @classmethod
     def _countries(cls, value: list[str]) -> list[str]:
+        upper = [c.upper() for c in value]
+        if set(upper) <= set(PII_ID_COUNTRIES):
+            # Regions phonenumbers supports (tests/unit/test_imports.py checks): every command that reads
+            # federation.yaml then skips loading its tables.
+            return list(dict.fromkeys(upper))
         import phonenumbers
 
-        upper = [c.upper() for c in value]
         unknown = [c for c in upper if c not in phonenumbers.SUPPORTED_REGIONS]
         if unknown:
             raise ValueError(f"unknown country code {', '.join(unknown)} (use ISO 3166 alpha-2, e.g. US, GB, DE)")
@@ -403,6 +407,56 @@ class RoundSettings(Strict):
         return min(roster, max(min(quorum, roster), math.ceil(self.sample_rate * roster - 1e-9)))
 
 
+class MonitorSettings(Strict):
+    """Drift and contribution records per round (fedtune.monitor) and the thresholds that raise alerts. The
+    defaults stay quiet on an ordinary run; `fedtune aggregate --hold-on-alert` holds a version with alerts."""
+
+    contributions: bool = Field(True, description="record each site's leave-one-out change of the merged delta and "
+                                "its cosines to the merge and to the other updates, from the deltas' Gram matrix "
+                                "(fedavg/ffa read the updates once more for it; not under central/distributed DP "
+                                "or secure aggregation: it describes one site)")
+    previous_cosine: bool = Field(True, description="record each update's cosine to the site's last merged update "
+                                  "when that update's folder is still beside the round's (reads it once more)")
+    data_profile: bool | None = Field(None, description="sites send their data card's histogram and counts (no text) "
+                                      "for data drift; default: on unless privacy.mode or secure aggregation is set "
+                                      "(the counts are exact, outside any DP guarantee)")
+    report_eval: bool = Field(False, description="sites send the parent version's loss on their eval split, for "
+                              "quality drift; exact, so refused under privacy.mode")
+    history: int = Field(10, ge=1, description="versions back a site's norm history spans")
+    min_history: int = Field(2, ge=1, description="earlier norms a site needs before its norm z-score can alert")
+    update_norm_z: float = Field(4.0, gt=0, description="alert when an update's norm is this many spreads from the "
+                                 "site's mean (spread: the std, at least norm_spread × the mean)")
+    norm_spread: float = Field(0.25, gt=0, description="floor of the spread, as a fraction of the mean norm")
+    sybil_cosine: float = Field(0.99, gt=0, le=1, description="alert when two sites' updates have a higher cosine")
+    data_psi: float = Field(0.25, gt=0, description="alert when the token-length histogram's PSI against the "
+                            "site's first profile is higher (0.25: the usual 'significant shift')")
+    data_js: float = Field(0.3, gt=0, le=1, description="alert when a Jensen–Shannon distance (base 2) of the token "
+                           "lengths or languages against the first profile is higher")
+    pii_rate: float = Field(0.05, gt=0, description="alert when PII replacements per kept record moved by more")
+    drop_rate: float = Field(0.2, gt=0, description="alert when records dropped per kept record moved by more")
+    quality_rise: float = Field(0.25, gt=0, description="alert when a site's reported eval loss of the parent is "
+                                "this much (nats) above the lowest it reported")
+    loo_eval: bool = Field(False, description="simulate: also merge each round without each site and evaluate "
+                           "those candidates, recording the leave-one-out change in mean eval loss (K extra "
+                           "evaluations per round)")
+
+    def profiles(self, privacy: PrivacySettings) -> bool:
+        """Whether sites send a data profile."""
+        if self.data_profile is not None:
+            return self.data_profile
+        return privacy.mode == "none" and not privacy.secure_aggregation
+
+
+class EvaluationSettings(Strict):
+    """Task metrics (`fedtune evaluate`, `simulate`): greedy answers to each site's held-out prompts, scored against
+    the site's own answers (exact match, token F1, ROUGE-L)."""
+
+    task_examples: int = Field(32, ge=0, description="held-out prompts answered per site (0: eval loss only)")
+    max_new_tokens: int = Field(32, ge=1, description="the longest answer generated, in tokens")
+    every_version: bool = Field(False, description="simulate: score every version, not only the base model, the "
+                                "last version and the baselines (one more generation pass per round)")
+
+
 class TrainingPlan(Strict):
     """What a federation file and a recipe both set: the adapter's shape and how sites train and merge."""
 
@@ -413,9 +467,15 @@ class TrainingPlan(Strict):
     data: DataSettings = DataSettings()
     aggregation: AggregationSettings = AggregationSettings()
     privacy: PrivacySettings = PrivacySettings()
+    monitor: MonitorSettings = MonitorSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @model_validator(mode="after")
     def _private_methods(self) -> TrainingPlan:
+        if self.privacy.mode != "none" and (self.monitor.report_eval or self.monitor.data_profile):
+            # Exact numbers computed from a site's records would be released beside the DP-protected update.
+            raise ValueError(f"monitor.report_eval/data_profile: sites would send exact eval losses or data counts, "
+                             f"outside the ε of privacy.mode {self.privacy.mode}; turn them off")
         # Local DP protects records inside each site; whatever the coordinator does with the updates after is
         # post-processing, so only the site-level modes constrain the merge.
         if self.privacy.mode in ("central", "distributed"):

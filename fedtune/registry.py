@@ -354,7 +354,8 @@ class Registry:
             return done
         last = versions[-1]["version"]
         pending = self.root / version_name(version_number(last) + 1)
-        if pending.exists():
+        # A version held on an alert waits for `fedtune promote` (which checks it) or `--reject`.
+        if pending.exists() and held_manifest(pending) is None:
             why = self._unfinished_problem(pending, last)
             if why is None:
                 self.commit(pending)
@@ -369,6 +370,24 @@ class Registry:
             write_text_atomic(latest, last + "\n")
             done.append(f"moved LATEST to {last}")
         return done
+
+    # --- versions held on an alert (aggregate --hold-on-alert) ----------------------------------------------
+
+    def held(self) -> list[dict]:
+        """The version held on an alert, if any, as [{"version", "parent", "alerts", "created"}].
+
+        A held version is the one after the log's last: published (signed, its files written) but not committed, so
+        LATEST stays at its parent until `promote`. The list reads the manifest without checking its signature
+        (promote checks it)."""
+        versions = self.versions()
+        if not versions:
+            return []
+        folder = self.root / version_name(version_number(versions[-1]["version"]) + 1)
+        manifest = held_manifest(folder)
+        if manifest is None:
+            return []
+        return [{"version": folder.name, "parent": manifest.get("parent"), "created": manifest.get("created"),
+                 "alerts": (manifest.get("monitor") or {}).get("alerts", [])}]
 
     def _unfinished_problem(self, folder: Path, parent: str) -> str | None:
         """Why a published but unlogged version cannot be committed as it is (None: it can)."""
@@ -402,6 +421,17 @@ class Registry:
         if (ref / "manifest.json").is_file() and (ref / "adapter_model.safetensors").is_file():
             return ref
         raise BadInput(f"{ref}: neither a registry (with LATEST) nor a global version folder")
+
+
+def held_manifest(folder: Path) -> dict | None:
+    """The manifest of a version folder whose manifest says it is held on an alert (not signature-checked), else
+    None."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    monitor = manifest.get("monitor") if isinstance(manifest, dict) else None
+    return manifest if isinstance(monitor, dict) and monitor.get("held") is True else None
 
 
 def verify_line(entry: dict, coordinator_key: str) -> bool:

@@ -11,6 +11,7 @@ A recipe site may be an attacker: it trains honestly, then replaces its update w
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -61,7 +62,9 @@ def simulate(
 
     Returns:
         The report: {"name", "method", "attackers", "base": {site: loss},
-        "rounds": [{"version", "eval": {site: loss}, "rejected": [...]}], "baselines": {kind: {site: loss}}}.
+        "rounds": [{"version", "eval": {site: loss}, "rejected": [...]}], "baselines": {kind: {site: loss}},
+        "tasks": {"base" | version | kind: {site: task metrics}}} ("tasks" for the sites with held-out prompts,
+        when the recipe's evaluation.task_examples is above 0).
     """
     kinds = parse_baselines(baselines)
     if method is not None:
@@ -104,13 +107,19 @@ def simulate(
 
     base_model = models.load_base_model(
         models.locate_base(config.base_model.id, config.base_model.sha256, model_dir, "simulate"))
-    base_eval = evaluate(config, "base", data_dirs, base_model=base_model)
+    tasked = {"task_examples": config.evaluation.task_examples, "max_new_tokens": config.evaluation.max_new_tokens,
+              "model_dir": model_dir}  # the tokenizer that renders answers is the base model's
+    base_eval = evaluate(config, "base", data_dirs, base_model=base_model, **tasked)
+    for note in base_eval.get("notes", []):
+        log(f"note: {note}")
     report: dict = {
         "name": recipe.name, "method": config.aggregation.method, "attackers": {s: a.model_dump() for s, a in attacks.items()},
         "base": {s: m["loss"] for s, m in base_eval["sites"].items()}, "rounds": [],
     }
+    _add_tasks(report, "base", base_eval)
     log("eval base: " + _fmt(report["base"]))
     for number in range(1, recipe.rounds.count + 1):
+        started = time.monotonic()  # the round's seconds: training, validation and merging (not the evaluation)
         try:
             next_round(config, read_json(registry.latest() / "manifest.json"), "simulate")
             called = prepared
@@ -140,6 +149,11 @@ def simulate(
                          if not (drops.get(site) and drops[site].drops("before-unmasking", number))]
             result = secure_round(config, registry.root, round_dir, answering, keys, log)
         else:
+            snapshot = None
+            if config.monitor.loo_eval:  # the registry before this round, for the leave-one-out candidates
+                from fedtune.monitor import snapshot_registry
+
+                snapshot = snapshot_registry(registry.root, out / ".loo-eval")
             try:
                 result = aggregate_round(config, registry.root, round_dir, warn=log, closed=True)
             except Waiting as waiting:  # an async buffer that the round's updates do not fill
@@ -150,16 +164,37 @@ def simulate(
             train_local(config, site, called[site], registry.path_of(parent), out / "updates", log=log,
                         model_dir=model_dir, key=keys / f"{site}.key")
             log(f"{site}: sent its round-{number} update late, after the round closed")
-        scores = evaluate(config, result.folder, data_dirs, base_model=base_model)
+        seconds = round(time.monotonic() - started, 3)
+        # Answering the held-out prompts costs several times the loss (measured on the quickstart), so the
+        # versions between the first and the last are scored by loss alone unless evaluation.every_version.
+        scored = config.evaluation.every_version or number == recipe.rounds.count
+        scores = evaluate(config, result.folder, data_dirs, base_model=base_model,
+                          **(tasked if scored else {**tasked, "task_examples": 0}))
+        _add_tasks(report, result.version, scores)
         epsilon = (read_json(result.folder / "manifest.json").get("privacy") or {}).get("epsilon")
         report["rounds"].append({"version": result.version, "eval": {s: m["loss"] for s, m in scores["sites"].items()},
-                                 "rejected": result.rejected, **({"epsilon": epsilon} if epsilon is not None else {})})
+                                 "rejected": result.rejected, **({"epsilon": epsilon} if epsilon is not None else {}),
+                                 "seconds": seconds})
         log(f"eval {result.version}: " + _fmt(report["rounds"][-1]["eval"]))
+        if not config.privacy.secure_aggregation and snapshot is not None:
+            from fedtune.monitor import loo_candidate_losses, loo_eval_records
+
+            without = loo_candidate_losses(config, snapshot, round_dir, out / "coordinator.key", lambda folder: {
+                s: m["loss"] for s, m in evaluate(config, folder, data_dirs, base_model=base_model)["sites"].items()},
+                log=log)
+            report["rounds"][-1]["loo_eval"] = loo_eval_records(report["rounds"][-1]["eval"], without)
+    final = report["rounds"][-1]["version"] if report["rounds"] else None
+    if final is not None and "tasks" in report and final not in report["tasks"]:  # the run stopped early
+        _add_tasks(report, final, evaluate(config, registry.path_of(final), data_dirs, base_model=base_model, **tasked))
     if kinds:
         honest = {site: folder for site, folder in prepared.items() if site not in attacks}
         report["baselines"] = run_baselines(
             config, honest, data_dirs, registry.path_of("v0000"), out / "baselines", kinds,
-            steps_per_site=recipe.rounds.count * config.training.steps, base_model=base_model, log=log, model_dir=model_dir)
+            steps_per_site=recipe.rounds.count * config.training.steps, base_model=base_model, log=log, model_dir=model_dir,
+            tasks=report.setdefault("tasks", {}), task_examples=tasked["task_examples"],
+            max_new_tokens=tasked["max_new_tokens"])
+        if not report["tasks"]:
+            del report["tasks"]
     write_report(out, report)
     return report
 
@@ -254,6 +289,13 @@ def forge_update(folder: Path, attack: Attack, site_key: Path | None = None) -> 
     fields = {k: v for k, v in manifest.items() if k not in ENCODED_FIELDS}
     signer = SigningKey.load(site_key) if site_key is not None else None
     return write_update(folder, encode_update(forged, fields, read_json(folder / CONFIG_FILE), signer), replace=True)
+
+
+def _add_tasks(report: dict, name: str, result: dict) -> None:
+    """report["tasks"][name]: each site's task metrics in an `evaluate` result, if it has any."""
+    sites = {site: m["task"] for site, m in result["sites"].items() if "task" in m}
+    if sites:
+        report.setdefault("tasks", {})[name] = sites
 
 
 def _fmt(losses: dict) -> str:

@@ -22,8 +22,9 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
 
     Returns:
         {"latest": {version, round, method, contributors, created}, "round", "quorum", "ready", "called",
-         "sampled", "closes_at", "waiting": {"folder", "sites", "missing", "unknown"}}, and under secure aggregation "unmask":
-        {"requested", "threshold", "survivors", "dropped", "answered", "not_answered"}
+         "sampled", "closes_at", "waiting": {"folder", "sites", "missing", "unknown"}, "held": [{version, parent,
+         alerts, created}] (a version aggregate --hold-on-alert left for `fedtune promote`)}, and under secure
+        aggregation "unmask": {"requested", "threshold", "survivors", "dropped", "answered", "not_answered"}
     """
     registry = Registry(registry_root)
     latest_dir = registry.latest()
@@ -54,6 +55,7 @@ def federation_status(config: FederationConfig, registry_root: Path, updates: Pa
         "closes_at": closes_at,
         "waiting": {"folder": str(folder), "sites": arrived, "missing": [s for s in called if s not in arrived],
                     "unknown": unknown},
+        "held": registry.held(),
     }
 
 

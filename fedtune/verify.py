@@ -21,6 +21,7 @@ from fedtune.registry import (
     LEFTOVER,
     VERSION_RE,
     checked_version,
+    held_manifest,
     roster_sha256,
     sites_sha256,
     verify_line,
@@ -312,6 +313,10 @@ class _Verifier:
             elif VERSION_RE.match(child.name) and child.name not in logged:
                 if child.name != following:
                     self.fail(f"{child}: a version folder the log does not record")
+                if held_manifest(child) is not None:
+                    self.pending.append(f"{child}: held on monitoring alerts; LATEST stays at its parent until "
+                                        f"`fedtune promote {child.name}` (or `fedtune promote {child.name} --reject`)")
+                    continue
                 why = self.unfinished_problem(child)
                 self.pending.append(f"{child}: published but not yet logged; the next fedtune command on this "
                                     "registry " + ("commits it" if why is None else f"drops it ({why})"))

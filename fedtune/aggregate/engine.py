@@ -47,6 +47,8 @@ class RoundResult:
     reconstruction_error: dict | None = None
     equivocations: list[dict] = field(default_factory=list)
     secure_aggregation: dict | None = None
+    alerts: list[dict] = field(default_factory=list)
+    held: bool = False  # published under --hold-on-alert with alerts: LATEST not moved until `fedtune promote`
 
 
 
@@ -62,6 +64,7 @@ def aggregate_round(
     config_path: Path | str = "federation.yaml",
     closed: bool = False,
     deadline: str | None = None,
+    hold_on_alert: bool = False,
     **overrides,
 ) -> RoundResult:
     """Merge the valid updates in `round_dir` into the next global version of `registry_dir`.
@@ -79,6 +82,8 @@ def aggregate_round(
             what arrived without waiting for the round's deadline.
         deadline: when the round closes (`aggregate --deadline`: a duration from its opening, an ISO time, or
             now), instead of rounds.deadline. Before it, the round waits (Waiting) while a called site has not sent.
+        hold_on_alert: a version whose round raised monitoring alerts is published but not committed: LATEST
+            stays, until `fedtune promote` commits it (or `fedtune promote --reject` sets it aside).
         overrides: aggregation settings that replace the federation's (method, trim, quorum, …);
             None values are ignored.
     """
@@ -93,6 +98,12 @@ def aggregate_round(
         raise BadInput(f"{round_dir}: updates folder not found")
     with registry.lock("aggregate"):
         registry.check_roster(config, config_path)
+        held = registry.held()
+        if held:  # the round it holds is decided first: promoted, or set aside and merged again
+            name, alerts = held[0]["version"], held[0]["alerts"]
+            raise BadInput(f"{registry.root / name}: held on {len(alerts)} alert(s) ({_first_alert(alerts)}); "
+                           f"`fedtune promote {name} --registry {registry.root}` makes it LATEST, `--reject` sets it "
+                           "aside so the round can be merged again")
         parent_dir = registry.latest()
         parent = read_version_manifest(parent_dir, config.coordinator_key)
         if parent["base_model"]["sha256"] != config.base_model.sha256:
@@ -110,13 +121,18 @@ def aggregate_round(
         work.mkdir(mode=0o700)
         try:
             return _aggregate(config, registry, parent_dir, parent, round_dir, settings, work, strict, warn,
-                              closed, deadline)
+                              closed, deadline, hold_on_alert)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _first_alert(alerts: list[dict]) -> str:
+    return f"{alerts[0]['site']}: {alerts[0]['message']}" if alerts else "no alert recorded"
+
+
 def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round_dir: Path, settings, work: Path,
-               strict: bool, warn, closed: bool = False, deadline: str | None = None) -> RoundResult:
+               strict: bool, warn, closed: bool = False, deadline: str | None = None,
+               hold_on_alert: bool = False) -> RoundResult:
     from fedtune.aggregate.participation import close_round, collect_buffer, late_updates
 
     number = parent["round"] + 1
@@ -145,7 +161,7 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         participation = state.record()
         if config.privacy.secure_aggregation:
             return _aggregate_secure(config, registry, parent_dir, parent, round_dir, settings, checks, privacy, rule,
-                                     optimizer, warn, strict, participation)
+                                     optimizer, warn, strict, participation, hold_on_alert)
         called = set(state.called.sites) if state.called.draw != "all" else None
         valid, rejected, equivocations = collect_round(round_dir, checks)
         if called is not None:
@@ -200,9 +216,12 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         # Each site's DP-SGD protects its own records: the version states the ε its accepted updates reported.
         privacy = version_record(config, privacy, parent, valid)
     record: dict = {}
+    # Contribution records describe one site's update: not released beside a site-level DP guarantee.
+    describe_sites = config.monitor.contributions and config.privacy.mode in ("none", "local") and len(valid) > 1
     merged, state, errors, out_rank = merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale,
-                                                    record=record, noise=noise)
+                                                    record=record, noise=noise, gram=describe_sites)
     check_merged(merged, parent_dir, config)
+    contributions, monitor = _monitor(config, registry, parent, rule, valid, weights, record.get("gram"), round_dir)
     # The rules that pick or re-weight whole updates (krum, geomedian, centered-clip) say what they chose.
     coefficients = record.get("coefficients")
     contributors = [
@@ -211,7 +230,8 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
          **({"clip_scale": round(float(c), 6)} if c < 1 else {}),
          **({"coefficient": round(float(coefficients[i]), 8)} if coefficients is not None else {}),
          **({"round": staleness[u.nonce][0], "staleness": staleness[u.nonce][1],
-             "staleness_scale": round(staleness[u.nonce][2], 8)} if staleness else {})}
+             "staleness_scale": round(staleness[u.nonce][2], 8)} if staleness else {}),
+         **({"contribution": contributions[i]} if contributions[i] is not None else {})}
         for i, (u, w, c) in enumerate(zip(valid, weights, clipped))
     ]
     params = {**rule.params(), "weighting": settings.weighting, "clip_norm": settings.clip_norm,
@@ -221,8 +241,21 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     fields = dict(method=rule.name, privacy=privacy, params=params, quorum=settings.quorum, rank=out_rank,
                   contributors=contributors, rejected=rejected, equivocations=equivocations,
                   reconstruction_error=error_summary,
-                  **({"participation": participation} if participation is not None else {}))
-    return _publish(config, registry, parent_dir, parent, merged, state, out_rank, fields)
+                  **({"participation": participation} if participation is not None else {}),
+                  **({"monitor": monitor} if monitor is not None else {}))
+    return _publish(config, registry, parent_dir, parent, merged, state, out_rank, fields, hold_on_alert)
+
+
+def _monitor(config, registry: Registry, parent: dict, rule: Method, valid: list, weights, gram, round_dir: Path):
+    """The round's contribution records (one per update, or None) and the version's monitor record (or None when
+    no update was merged)."""
+    from fedtune.monitor import lineage_history, monitor_round
+
+    if not valid:
+        return [], None
+    history = lineage_history(registry.root, parent, config.monitor.history, config.coordinator_key)
+    return monitor_round(config.monitor, rule, valid, np.asarray(weights, dtype=np.float64), gram, history,
+                         round_dir, version_name(parent["round"] + 1), config.lora.r, rule.refactors)
 
 
 def _where(round_dir: Path, item: dict) -> Path:
@@ -232,7 +265,7 @@ def _where(round_dir: Path, item: dict) -> Path:
 
 def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict, round_dir: Path, settings, checks,
                       privacy: dict, rule: Method, optimizer: ServerOptimizer, warn, strict: bool,
-                      participation: dict | None = None) -> RoundResult:
+                      participation: dict | None = None, hold_on_alert: bool = False) -> RoundResult:
     """A masked round: unmask the survivors' sum (or write the unmask request, or wait for answers), then step."""
     from fedtune.aggregate.secure import secure_sum
 
@@ -262,13 +295,18 @@ def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict
                   reconstruction_error={"skipped": "not measured under secure aggregation"},
                   secure_aggregation=outcome.record,
                   **({"participation": participation} if participation is not None else {}))
-    return _publish(config, registry, parent_dir, parent, merged, state, rank, fields)
+    return _publish(config, registry, parent_dir, parent, merged, state, rank, fields, hold_on_alert)
 
 
 def _publish(config, registry: Registry, parent_dir: Path, parent: dict, merged: dict, state: dict, out_rank: int,
-             fields: dict) -> RoundResult:
-    """Write the new version's files and signed manifest, publish it and commit it to the log."""
+             fields: dict, hold_on_alert: bool = False) -> RoundResult:
+    """Write the new version's files and signed manifest, publish it and commit it to the log (or, held on an
+    alert, leave it published and uncommitted: LATEST stays until `fedtune promote`)."""
     number = parent["round"] + 1
+    alerts = (fields.get("monitor") or {}).get("alerts", [])
+    held = hold_on_alert and bool(alerts)
+    if held:
+        fields = {**fields, "monitor": {**fields["monitor"], "held": True}}
     built = registry.root / f".{version_name(number)}.{os.getpid()}.tmp"
     built.mkdir()
     try:
@@ -296,14 +334,18 @@ def _publish(config, registry: Registry, parent_dir: Path, parent: dict, merged:
         shutil.rmtree(built, ignore_errors=True)
         raise
     folder = registry.publish(built, version_name(number))
+    result = RoundResult(version=folder.name, folder=folder, contributors=fields["contributors"],
+                         rejected=fields["rejected"], reconstruction_error=fields["reconstruction_error"],
+                         equivocations=fields["equivocations"], secure_aggregation=fields.get("secure_aggregation"),
+                         alerts=alerts, held=held)
+    if held:
+        return result
     try:
         registry.commit(folder)
     except OSError as err:
         raise BadInput(f"{registry.log_path}: could not be written ({err.strerror}); {folder.name} is published but "
                        "not committed — the next fedtune command on this registry finishes or drops it") from None
-    return RoundResult(version=folder.name, folder=folder, contributors=fields["contributors"],
-                       rejected=fields["rejected"], reconstruction_error=fields["reconstruction_error"],
-                       equivocations=fields["equivocations"], secure_aggregation=fields.get("secure_aggregation"))
+    return result
 
 
 def _sync_folder(folder: Path) -> None:

@@ -95,12 +95,17 @@ def merge_updates(
     scale: np.ndarray,
     record: dict | None = None,
     noise: GaussianNoise | None = None,
+    gram: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float] | None, int]:
     """The streaming merge of validated updates: (new adapter tensors, server state, per-layer
     reconstruction errors or None, the new version's rank).
 
     `record`, when given, receives "coefficients": the weight each update finally had in the merged
-    delta (clipping included), for the rules that merge whole updates linearly."""
+    delta (clipping included), for the rules that merge whole updates linearly; and with `gram`, "gram": the
+    [K, K] Gram matrix of the clipped deltas (for contribution records), whatever the rule. Coordinate-wise and
+    re-factoring rules build it in their own pass over the keys; a rule that needs it anyway shares it; fedavg
+    and ffa, which read site by site, take one more pass for it."""
+    record = record if record is not None else {}
     optimizer = ServerOptimizer.from_settings(settings)
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
     rank = config.lora.r
@@ -109,10 +114,11 @@ def merge_updates(
         if rule.refactors:
             assert isinstance(rule, LoraMethod)
             out_rank = rule.output_rank(rank, [u.rank for u in valid])
-            merged, errors = _merge_products(rule, reader, base, layout, valid, weights, config, out_rank)
+            merged, errors = _merge_products(rule, reader, base, layout, valid, weights, config, out_rank,
+                                             record if gram else None)
             return merged, {}, errors, out_rank
         state = _server_state(parent_dir, parent, optimizer)
-        merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank, record, noise)
+        merged = _merge_factors(rule, reader, base, layout, weights, optimizer, state, rank, record, noise, gram)
         errors = None
         if noise is not None:
             errors = {"skipped": "not measured under differential privacy"}
@@ -126,12 +132,15 @@ def merge_updates(
 
 
 def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, optimizer, state, rank, record=None,
-                   noise: GaussianNoise | None = None) -> dict:
+                   noise: GaussianNoise | None = None, want_gram: bool = False) -> dict:
     """Averaging and coordinate-wise rules: new = parent (at the federation's rank) + step(merged delta)."""
     weights_t = torch.from_numpy(weights)
     sums = None
+    gram_sum = torch.zeros((len(reader), len(reader)), dtype=torch.float64) if want_gram else None
     if isinstance(rule, LinearMethod):
-        gram = reader.gram(layout) if rule.needs_gram else None
+        gram = reader.gram(layout) if rule.needs_gram or want_gram else None
+        if want_gram:
+            record["gram"] = gram
         reader.release()
         coefficients = rule.coefficients(weights, gram) * reader.scale
         if record is not None:
@@ -145,12 +154,23 @@ def _merge_factors(rule: Method, reader: RoundReader, base, layout, weights, opt
             delta = sums.pop(key)
         else:
             assert isinstance(rule, CoordinateMethod)
-            delta = rule.combine(reader.stacked(key, tuple(parent_tensor.shape)), weights_t, index)
+            stacked = reader.stacked(key, tuple(parent_tensor.shape))
+            if gram_sum is not None:
+                _add_gram(gram_sum, stacked)
+            delta = rule.combine(stacked, weights_t, index)
         if noise is not None and (rule.trains == "AB" or factor_of(key) != "A"):
             noise.add_(delta)  # a frozen factor (ffa's A) is not released from the sites' data: no noise
         step = optimizer.step(key, delta, state)
         merged[key] = (parent_tensor.to(torch.float32) + step).to(parent_tensor.dtype)
+    if gram_sum is not None and sums is None:
+        record["gram"] = gram_sum.numpy()
     return merged
+
+
+def _add_gram(gram: torch.Tensor, stacked: torch.Tensor) -> None:
+    """Add one key's inner products: `stacked` is [K, ...], every site's delta of that key."""
+    flat = stacked.reshape(len(stacked), -1).to(torch.float64)
+    gram += flat @ flat.T
 
 
 def _local_factors(reader: RoundReader, base, layer, valid: list[Update], scaling: float):
@@ -170,12 +190,17 @@ def _local_factors(reader: RoundReader, base, layer, valid: list[Update], scalin
     return bs, as_
 
 
-def _merge_products(rule: LoraMethod, reader, base, layout, valid, weights, config, out_rank):
+def _merge_products(rule: LoraMethod, reader, base, layout, valid, weights, config, out_rank, record=None):
     scaling = config.lora.alpha / config.lora.r
     weights_t = torch.from_numpy(weights)
     merged, errors = {}, {}
     layers = lora_layers(layout)
+    gram = torch.zeros((len(valid), len(valid)), dtype=torch.float64) if record is not None else None
     for layer in layers:
+        if gram is not None:  # the factor deltas, as the other rules see them (padded to the federation's rank)
+            for key in (layer.a_key, layer.b_key):
+                _add_gram(gram, reader.stacked(key, tuple(rank_slice(torch.empty(layout[key][0], device="meta"),
+                                                                      key, config.lora.r).shape)))
         bs, as_ = _local_factors(reader, base, layer, valid, scaling)
         b_new, a_new, errors[layer.name] = rule.merge_layer(bs, as_, weights_t, out_rank)
         merged[layer.b_key] = (b_new / scaling).to(torch.float32)
@@ -185,7 +210,11 @@ def _merge_products(rule: LoraMethod, reader, base, layout, valid, weights, conf
         if key not in paired:  # not a LoRA factor: plain weighted mean
             parent_tensor = base.get_tensor(key).to(torch.float32)
             delta = reader.stacked(key, tuple(parent_tensor.shape))
+            if gram is not None:
+                _add_gram(gram, delta)
             merged[key] = parent_tensor + torch.tensordot(weights_t.to(torch.float32), delta, dims=1)
+    if gram is not None:
+        record["gram"] = gram.numpy()
     return merged, errors
 
 

@@ -1,20 +1,127 @@
-"""Reading a round's updates one tensor key at a time.
+"""Reading a round's updates: once from the site's folder into a private copy, then one tensor key at a time.
 
-Every update file is opened with `safetensors.safe_open` (memory-mapped) and read key by key, so
-the engine holds one key of each site at most. A site that trained a smaller rank sent smaller
-factors; here they are zero-padded to the federation's rank (HetLoRA), and a site that trained B
-only (FFA) contributes a zero delta to A.
+`read_private_copy` is the only read of a site's file: a copy inside the kernel, then one pass over the copy,
+tensor by tensor, that hashes the bytes and takes each tensor's norm while they are in the cache. The merge
+then opens the private copies with `safetensors.safe_open` (memory-mapped) and reads them key by key,
+so the engine holds one key of each site at most. A site that trained a smaller rank sent smaller factors;
+here they are zero-padded to the federation's rank (HetLoRA), and a site that trained B only (FFA)
+contributes a zero delta to A.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from fedtune.wire.tensors import pad_rank
+from fedtune.wire.codec import WireError, open_regular, parse_json
+from fedtune.wire.tensors import MAX_HEADER_BYTES, Layout, pad_rank, read_header
+
+COPY_CHUNK = 4 << 20
+# torch views the read-only mapping of a private copy to take norms; it warns that such a tensor could be
+# written through, and nothing here writes.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+# The float dtypes a plaintext update holds (the parent's); a norm is taken of these only.
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class PrivateCopy:
+    """What one read of an update's tensor file found: the sha256 of its bytes, its header's layout, and the
+    L2 norm (float64) of each float tensor, taken when the whole layout was the expected one."""
+
+    path: Path
+    sha256: str
+    layout: Layout
+    norms: dict[str, float]
+
+
+def read_private_copy(source: Path, target: Path, max_bytes: int, expected: Layout | None) -> PrivateCopy:
+    """Copy `source` into `target` (a new file only this process writes) inside the kernel, then read the copy
+    once through a memory map: its header is checked, then each tensor's bytes are hashed and, when `expected`
+    is given and the header matches it, measured while they are in the cache. The copy is what gets merged, so
+    a file swapped or rewritten during or after this read changes nothing. Raises WireError."""
+    fd, size = open_regular(source, max_bytes)
+    try:
+        out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            _copy(fd, out, size)
+            copied = os.fstat(out).st_size  # less than size when the file shrank meanwhile
+            if copied < 8:
+                read_header(os.pread(out, copied, 0), copied, source.name)  # raises: too short
+            # Read-only and shared: a private writable mapping would copy every page it populates.
+            with mmap.mmap(out, copied, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ) as mapped:
+                sha256, layout, norms = _measure(mapped, copied, source.name, expected)
+        finally:
+            os.close(out)
+    except OSError as err:
+        raise WireError(f"{source.name}: could not be copied ({err.strerror})") from None
+    finally:
+        os.close(fd)
+    return PrivateCopy(target, sha256, layout, norms)
+
+
+def _measure(mapped: mmap.mmap, size: int, name: str, expected: Layout | None):
+    """(sha256, layout, norms) of a mapped safetensors file, tensor by tensor in the file's order."""
+    length = int.from_bytes(mapped[:8], "little")
+    prefix = mapped[: 8 + length] if length <= MAX_HEADER_BYTES and 8 + length <= size else mapped[:8]
+    layout = read_header(prefix, size, name)
+    # read_header checked the offsets: the tensors tile the data section exactly, so hashing them in offset
+    # order after the header hashes the whole file.
+    header = parse_json(prefix[8:], f"{name} header")
+    spans = sorted((*entry["data_offsets"], key) for key, entry in header.items() if key != "__metadata__")
+    measure = expected is not None and layout == expected
+    digest = hashlib.sha256(prefix)
+    norms: dict[str, float] = {}
+    with memoryview(mapped) as whole:
+        start = 8 + length
+        for begin, end, key in spans:
+            data = whole[start + begin : start + end]
+            digest.update(data)
+            shape, dtype = layout[key]
+            if measure and dtype in TORCH_DTYPES:
+                norms[key] = _norm(data, start + begin, shape, dtype)
+            data.release()
+    return digest.hexdigest(), layout, norms
+
+
+def _norm(data: memoryview, offset: int, shape: tuple[int, ...], dtype: str) -> float:
+    """The tensor's L2 norm in float64: the same op on the same values as on the tensor the merge will load.
+    `offset`: where the bytes sit in the (page-aligned) mapping."""
+    if not len(data):
+        return 0.0
+    torch_dtype = TORCH_DTYPES[dtype]
+    if offset % torch_dtype.itemsize:
+        data = memoryview(bytearray(data))  # an unaligned tensor (safetensors writes none): an aligned copy
+    tensor = torch.frombuffer(data, dtype=torch_dtype).view(shape)
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+
+def _copy(source: int, target: int, size: int) -> None:
+    """Up to `size` bytes between two descriptors: inside the kernel (copy_file_range; a reflink where the file
+    system has them), else through a buffer."""
+    copied = 0
+    try:
+        while copied < size and (count := os.copy_file_range(source, target, size - copied)):
+            copied += count
+        return
+    except OSError as err:
+        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    while copied < size and (block := os.read(source, min(COPY_CHUNK, size - copied))):
+        view = memoryview(block)
+        while view:
+            view = view[os.write(target, view):]
+        copied += len(block)
 
 
 class RoundReader:
@@ -115,9 +222,8 @@ class RoundReader:
         for key in keys:
             rows = [self.delta(site, key) for site in range(count)]
             size = next((r.numel() for r in rows if r is not None), 0)
-            flat = torch.zeros((count, size), dtype=torch.float64)
+            flat = torch.empty((count, size), dtype=torch.float64)  # every row is written below: no zero-fill
             for site, row in enumerate(rows):
-                if row is not None:
-                    flat[site] = row.reshape(-1)
+                flat[site] = row.reshape(-1) if row is not None else 0.0
             gram += flat @ flat.T
         return gram.numpy()

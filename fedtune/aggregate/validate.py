@@ -3,8 +3,8 @@ naming the file; it never crashes the round.
 
 Envelope checks read the manifest and signature only — who sent it, for which round, from which version,
 in which shape — and so also work on masked updates (secure aggregation). Content checks read the tensors
-(finite values, norms) and need plaintext. The tensors are read once, into a private copy hashed while it
-is made; that copy is what is checked and merged.
+(finite values, norms) and need plaintext. The tensors are read once, into a private copy hashed and measured
+while it is made; that copy is what is merged.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.aggregate.updates import PrivateCopy, read_private_copy
 from fedtune.config import FederationConfig
 from fedtune.wire.codec import WireError, canonical_json, printable
 from fedtune.wire.manifests import Equivocation
 from fedtune.wire.secagg import RESPONSES_DIR
 from fedtune.wire.tensors import ADAPTER_FILE, Layout, expected_layout
-from fedtune.wire.update import Envelope, copy_tensors, read_envelope
+from fedtune.wire.update import Envelope, read_envelope
 
 
 class Rejected(Exception):
@@ -233,13 +234,16 @@ def _check_secagg(manifest, checks: RoundChecks) -> None:
 
 
 def check_tensors(envelope: Envelope, checks: RoundChecks, copy: Path) -> Update:
-    """Copy, hash and parse the tensors; keys, shapes and dtypes against the parent; finite values and norm."""
+    """Read the tensors once into a private copy, hashing them and taking their norms on the way; then the hash
+    against the manifest, keys, shapes and dtypes against the parent, finite values and the norm."""
     manifest = envelope.manifest
-    sha, got = copy_tensors(envelope.folder / ADAPTER_FILE, copy, checks.max_bytes)
+    rank = checks.config.site_rank(manifest.site)
+    masked = checks.masked is not None
+    expected = checks.masked if masked else expected_layout(checks.layout, rank, manifest.trained)
+    read = read_private_copy(envelope.folder / ADAPTER_FILE, copy, checks.max_bytes, None if masked else expected)
+    sha, got = read.sha256, read.layout
     if sha != manifest.sha256:
         raise Rejected(f"{ADAPTER_FILE}: does not match the sha256 in its manifest (altered or damaged)")
-    rank = checks.config.site_rank(manifest.site)
-    expected = checks.masked if checks.masked is not None else expected_layout(checks.layout, rank, manifest.trained)
     if got.keys() != expected.keys():
         extra, lost = sorted(got.keys() - expected.keys()), sorted(expected.keys() - got.keys())
         raise Rejected(f"{ADAPTER_FILE}: tensor keys differ from the global adapter (unexpected: "
@@ -248,7 +252,7 @@ def check_tensors(envelope: Envelope, checks: RoundChecks, copy: Path) -> Update
         if got[key] != (shape, dtype):
             raise Rejected(f"{ADAPTER_FILE}: tensor {key} is {got[key][1]}{list(got[key][0])}, expected {dtype}{list(shape)}")
     # A masked update is uniform noise to the coordinator: its site checked and bounded it before masking.
-    norm = 0.0 if checks.masked is not None else delta_norm(copy, expected)
+    norm = 0.0 if masked else delta_norm(read, expected)
     limit = checks.config.security.max_update_norm
     if norm > limit:
         raise Rejected(f"{ADAPTER_FILE}: the update's norm {norm:.4g} is beyond security.max_update_norm {limit:g}")
@@ -257,24 +261,24 @@ def check_tensors(envelope: Envelope, checks: RoundChecks, copy: Path) -> Update
                   trained=manifest.trained, keys=set(expected), tensors=copy, norm=norm)
 
 
-def delta_norm(path: Path, keys) -> float:
-    """L2 norm of the whole delta; Rejected when a value is NaN or infinite."""
-    import torch
+def delta_norm(read: PrivateCopy, keys) -> float:
+    """L2 norm of the whole delta from the norms taken while it was read, summed in the parent's key order;
+    Rejected when a value is NaN or infinite, or when safetensors itself cannot read the copy the merge opens."""
     from safetensors import safe_open
 
-    square_sum = 0.0
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in keys:
-                tensor = handle.get_tensor(key)
-                part = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
-                if not math.isfinite(part):
-                    raise Rejected(f"{ADAPTER_FILE}: tensor {key} holds NaN or Inf")
-                square_sum += part * part
-    except Rejected:
-        raise
+        with safe_open(str(read.path), framework="pt"):
+            pass  # parses the header as the merge will: what this reader accepted, safetensors must too
     except Exception as err:  # safetensors' SafetensorError derives from Exception only
         raise Rejected(f"{ADAPTER_FILE}: not a readable safetensors file ({printable(err, 120)})") from None
+    square_sum = 0.0
+    for key in keys:
+        if key not in read.norms:
+            raise Rejected(f"{ADAPTER_FILE}: tensor {key} is {read.layout[key][1]}, not a float tensor")
+        part = read.norms[key]
+        if not math.isfinite(part):
+            raise Rejected(f"{ADAPTER_FILE}: tensor {key} holds NaN or Inf")
+        square_sum += part * part
     return math.sqrt(square_sum)
 
 

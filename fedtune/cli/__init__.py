@@ -176,3 +176,4 @@ from fedtune.cli import coordinator  # noqa: E402,F401
 from fedtune.cli import trust  # noqa: E402,F401
 from fedtune.cli import privacy  # noqa: E402,F401
 from fedtune.cli import live  # noqa: E402,F401
+from fedtune.cli import report  # noqa: E402,F401

@@ -212,6 +212,9 @@ def aggregate(
     deadline: Annotated[Optional[str], typer.Option(
         help="when the round closes: a duration from its opening (600, 30m, 2h), an ISO time, or now; before it, "
              "aggregate waits (exit 3) while a called site has not sent \[default: rounds.deadline]")] = None,
+    hold_on_alert: Annotated[bool, typer.Option(
+        "--hold-on-alert", help="a version whose round raised monitoring alerts (federation.yaml monitor:) is "
+                                "published but LATEST stays until `fedtune promote`")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     from fedtune.aggregate import aggregate_round
@@ -223,7 +226,7 @@ def aggregate(
             load_federation(config), registry, updates, strict=strict, warn=progress_log(), key=key,
             config_path=config, force_new_round=force_new_round, method=method, trim=trim, byzantine=byzantine,
             keep=keep, density=density, clip_norm=clip_norm, max_weight=max_weight, server_opt=server_opt,
-            server_lr=server_lr, quorum=quorum, deadline=deadline,
+            server_lr=server_lr, quorum=quorum, deadline=deadline, hold_on_alert=hold_on_alert,
         )
     except Waiting as waiting:  # a deadline not reached, an async buffer not full, or secure aggregation's answers
         if json_out:
@@ -235,12 +238,16 @@ def aggregate(
         print_json({"version": result.version, "folder": str(result.folder), "contributors": result.contributors,
                     "rejected": result.rejected, "equivocations": result.equivocations,
                     "reconstruction_error": result.reconstruction_error,
-                    "secure_aggregation": result.secure_aggregation})
+                    "secure_aggregation": result.secure_aggregation, "alerts": result.alerts, "held": result.held})
         return
     sites = ", ".join(f"{c['site']}" + (f" ({c['weight']:.3f})" if c["weight"] is not None else "")
                       for c in result.contributors)
+    latest = (f"held on {len(result.alerts)} alert(s): LATEST unchanged; `fedtune promote {result.version} "
+              f"--registry {registry}` makes it LATEST" if result.held else f"LATEST = {result.version}")
     out.print(f"wrote {result.folder}: {len(result.contributors)} updates merged [{sites}]"
-              + (f", {len(result.rejected)} rejected" if result.rejected else "") + f"; LATEST = {result.version}")
+              + (f", {len(result.rejected)} rejected" if result.rejected else "") + f"; {latest}")
+    for alert in result.alerts:
+        err.print(f"alert: {alert['kind']}: {alert['site']}: {alert['message']}", markup=False)
     if result.secure_aggregation:
         from fedtune.aggregate.secure import describe
 
@@ -283,6 +290,12 @@ def status(
     latest = report["latest"]
     out.print(f"latest version: {latest['version']} (round {latest['round']}, method {latest['method']}, "
               f"{len(latest['contributors'])} contributor(s), committed {latest['created']})")
+    for held in report.get("held", []):
+        name = held["version"]
+        out.print(f"{name} held on {len(held['alerts'])} alert(s): LATEST stays at {held['parent']} until "
+                  f"`fedtune promote {name} --registry {registry}` (or `--reject`)")
+        for alert in held["alerts"]:
+            out.print(f"  alert: {alert['kind']}: {alert['site']}: {alert['message']}")
     waiting = report["waiting"]
     out.print(f"round {report['round']}: {len(waiting['sites'])} update(s) waiting in {waiting['folder']}"
               + (f" [{', '.join(waiting['sites'])}]" if waiting["sites"] else "")
@@ -308,6 +321,10 @@ def simulate(
     out_dir: Annotated[Path, typer.Option("--out", help="empty folder for the whole run")],
     method: Annotated[Optional[str], typer.Option("--method", help="aggregation method instead of the recipe's (e.g. svd, ffa, median)")] = None,
     baselines: Annotated[str, typer.Option("--baselines", help="also train local-only and/or centralized adapters: local,central")] = "",
+    track: Annotated[Optional[str], typer.Option(
+        "--track", help="also log the run to a local experiment store: mlflow (pip install 'fedtune\\[track]')")] = None,
+    track_uri: Annotated[Optional[str], typer.Option(
+        "--track-uri", help="the store: a .db file (SQLite) or a folder for mlflow.db \\[default: OUT/mlflow.db]")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a whole federation on this machine: init, prepare, rounds of train-local + aggregate, evaluate.
@@ -316,12 +333,29 @@ def simulate(
     """
     from fedtune.report import report_rows
     from fedtune.simulate import simulate as run_simulate
+    from fedtune.tracking import tracking_store
 
+    store = tracking_store(track, track_uri, out_dir)  # a missing MLflow fails here, not after the run
     report = run_simulate(recipe, out_dir, log=progress_log(), method=method, baselines=baselines)
+    tracked = None
+    if store is not None:
+        from fedtune.report import folder_page
+        from fedtune.tracking import track_run
+
+        page, federation = folder_page(out_dir, report)
+        files = [out_dir / name for name in ("report.html", "report.json", "report.png")]
+        tracked = track_run(store, page, federation, files, "simulate")
     if json_out:
-        print_json(report)
+        print_json({**report, **({"tracking": tracked} if tracked else {})})
         return
     header, rows = report_rows(report)
     print_table(header, rows, title=f"eval loss per site ({report['method']})")
+    if report.get("tasks"):
+        from fedtune.tasks import task_rows
+
+        header, rows = task_rows(report)
+        print_table(header, rows, title="task metrics per site: exact match / token F1 / ROUGE-L")
     extra = ", baselines/" if report.get("baselines") else ""
-    out.print(f"wrote {out_dir} (report.json, report.png, registry/, updates/, prepared/{extra})")
+    out.print(f"wrote {out_dir} (report.json, report.png, report.html, registry/, updates/, prepared/{extra})")
+    if tracked:
+        out.print(f"tracked as MLflow run {tracked['run_id']} in {tracked['store']} (experiment {tracked['experiment']})")

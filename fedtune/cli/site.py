@@ -103,6 +103,10 @@ def _print_card(card: dict, written: Path | None) -> None:
     out.print(f"  tokens: train {tokens['train']['total']} ({tokens['train']['trained']} trained), "
               f"eval {tokens['eval']['total']}; sequences of {card['seq_len']}: train {card['sequences']['train']}, "
               f"eval {card['sequences']['eval']} ({card['packing_mode']})")
+    tasks = card.get("eval_tasks")
+    if tasks is not None:
+        out.print(f"  held-out tasks (for evaluate's task metrics): {tasks['count']} prompts with answers"
+                  + (f"; {tasks['without_answer']} eval records have no assistant turn" if tasks["without_answer"] else ""))
     if card["canaries"]["count"]:
         out.print(f"  canaries: {card['canaries']['count']} planted in train, {card['canaries']['repeats']} copies "
                   "each" + (f" (kept in {written / 'canaries.json'})" if written else ""))
@@ -195,19 +199,61 @@ def evaluate(
     config: ConfigOpt,
     adapter: Annotated[str, typer.Option(help="'base' or a global version folder")],
     data: Annotated[list[Path], typer.Option("--data", help="a prepared folder (repeat)")],
+    task_examples: Annotated[Optional[int], typer.Option("--task-examples", help=(
+        "answer up to N of each site's held-out prompts and score the answers against the site's own (exact match, "
+        "token F1, ROUGE-L); 0: loss only \\[default: evaluation.task_examples of the federation file, 32]"))] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help=(
+        "the longest answer generated (greedy) \\[default: evaluation.max_new_tokens, 32]"))] = None,
+    samples: Annotated[int, typer.Option("--samples", help=(
+        "show N prompts per site with the reference, the base model's and the adapter's answers side by side"))] = 0,
+    harness: Annotated[str, typer.Option("--harness", help=(
+        "generate and score here ('fedtune') or through EleutherAI's lm-eval harness ('lm-eval', the [eval] "
+        "extra); both decode greedily and give the same answers"))] = "fedtune",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per forward pass")] = 8,
     model_dir: ModelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Token-weighted eval loss and perplexity on each prepared eval split."""
+    """Eval loss and perplexity on each prepared eval split, and task metrics on its held-out prompts."""
     from fedtune.config import load_federation
     from fedtune.evaluate import evaluate as run_evaluate
 
-    result = run_evaluate(load_federation(config), adapter, data, model_dir=model_dir, log=progress_log())
+    federation = load_federation(config)
+    settings = federation.evaluation
+    result = run_evaluate(federation, adapter, data, batch_size=batch_size, model_dir=model_dir, log=progress_log(),
+                          task_examples=settings.task_examples if task_examples is None else task_examples,
+                          max_new_tokens=settings.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                          samples=samples, harness=harness)
     if json_out:
         print_json(result)
         return
-    rows = [[s, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", str(m["tokens"])] for s, m in result["sites"].items()]
-    print_table(["site", "loss", "perplexity", "tokens"], rows, title=f"eval of {result['adapter']}")
+    tasked = any("task" in m for m in result["sites"].values())
+    rows = []
+    for site, m in result["sites"].items():
+        row = [site, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}", str(m["tokens"])]
+        if tasked:
+            task = m.get("task")
+            row += ([f"{task['exact_match']:.3f}", f"{task['token_f1']:.3f}", f"{task['rouge_l']:.3f}",
+                     str(task["examples"])] if task else ["-"] * 4)
+        rows.append(row)
+    print_table(["site", "loss", "perplexity", "tokens"] + (["exact", "token F1", "ROUGE-L", "prompts"]
+                                                            if tasked else []),
+                rows, title=f"eval of {result['adapter']}")
+    if result.get("samples"):
+        _print_samples(result["samples"], result["adapter"])
+
+
+def _print_samples(samples: list[dict], adapter: str) -> None:
+    from rich.table import Table
+    from rich.text import Text  # the records' own text: never read as markup
+
+    table = Table(title=f"held-out prompts: base vs {adapter}" if adapter != "base" else "held-out prompts: base",
+                  show_lines=True)
+    for name in ["site", "prompt", "reference", "base"] + ([adapter] if adapter != "base" else []):
+        table.add_column(name, overflow="fold")
+    for sample in samples:
+        cells = [sample["site"], sample["prompt"], sample["reference"], sample["base"]]
+        table.add_row(*map(Text, cells + ([sample["version"]] if adapter != "base" else [])))
+    out.print(table)
 
 
 @app.command(rich_help_panel=SITE_PANEL)

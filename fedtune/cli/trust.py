@@ -1,5 +1,5 @@
 """Keys, the roster and the registry's audit trail: `keys new`, `roster add/remove/sync/list`, `log`, `verify`,
-`rollback`."""
+`promote`, `rollback`."""
 
 from __future__ import annotations
 
@@ -200,6 +200,9 @@ def roster_list(config: ConfigOpt, json_out: JsonOpt = False) -> None:
 def log(
     registry: RegistryOpt,
     site: Annotated[Optional[str], typer.Option("--site", help="only the entries that concern this site")] = None,
+    contributions: Annotated[bool, typer.Option(
+        "--contributions", help="per site, summed across versions: rounds merged, the leave-one-out change of the "
+                                "merged delta (Σ(1 − cos), Σ‖Δ − Δ₋ₖ‖, mean relative) and alerts")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The registry's history: versions, roster changes and rollbacks, in commit order.
@@ -207,10 +210,15 @@ def log(
     Each version with its method and parameters, its contributors and their weights, and the updates it rejected.
 
     Each roster change, and each rollback with its reason. --site keeps the entries that concern one site.
+
+    Monitoring alerts are noted on their version; a version held on alerts (not yet committed) is listed last.
     """
     from fedtune.audit import history
 
-    rows = history(registry, site)
+    if contributions:
+        _contributions(registry, site, json_out)
+        return
+    rows = _with_monitoring(registry, history(registry, site), site)
     if json_out:
         print_json({"registry": str(registry), "site": site, "entries": rows})
         return
@@ -219,10 +227,73 @@ def log(
                 title=f"history of {registry}" + (f" for site {site}" if site else ""))
 
 
+def _with_monitoring(registry: Path, rows: list[dict], site: str | None) -> list[dict]:
+    """The history rows with each version's alerts (and a promoted version's hold), plus a row for a version held
+    on alerts (published, not committed)."""
+    from fedtune.registry import Registry
+    from fedtune.wire.update import MANIFEST_FILE
+
+    store = Registry(registry)
+    entries = store.entries()
+    for row in rows:
+        if row["event"] != "version" or not isinstance(row.get("version"), str):
+            continue
+        path = store.root / row["version"] / MANIFEST_FILE
+        monitor = _read_monitor(path)
+        row["alerts"] = [a for a in monitor.get("alerts", []) if site is None or a.get("site") == site]
+        held = entries[row["line"] - 1].get("held") if 0 < row["line"] <= len(entries) else None
+        if held:
+            row["held"] = held
+    for held in store.held():
+        alerts = [a for a in held["alerts"] if site is None or a.get("site") == site]
+        rows.append({"event": "held", "version": held["version"], "round": None, "created": held["created"],
+                     "parent": held["parent"], "alerts": alerts})
+    return rows
+
+
+def _read_monitor(path: Path) -> dict:
+    import json
+
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    monitor = manifest.get("monitor") if isinstance(manifest, dict) else None
+    return monitor if isinstance(monitor, dict) else {}
+
+
+def _contributions(registry: Path, site: str | None, json_out: bool) -> None:
+    from fedtune.monitor import contribution_totals
+    from fedtune.registry import Registry, VERSION_RE
+    from fedtune.wire.version import read_version_manifest
+
+    store = Registry(registry)
+    if not store.log_path.is_file():
+        raise BadInput(f"{registry}: not a registry (no {store.log_path.name}); create one with `fedtune init`")
+    manifests = [read_version_manifest(store.root / v["version"]) for v in store.versions()
+                 if isinstance(v.get("version"), str) and VERSION_RE.match(v["version"])
+                 and (store.root / v["version"] / "manifest.json").is_file()]
+    rows = [r for r in contribution_totals(manifests) if site is None or r["site"] == site]
+    if json_out:
+        print_json({"registry": str(registry), "site": site, "sites": rows})
+        return
+    cells = [[r["site"], str(r["rounds"]), str(r["recorded"]), f"{r['loo_direction_sum']:.4f}",
+              f"{r['loo_distance_sum']:.4g}",
+              "n/a" if r["loo_relative_mean"] is None else f"{r['loo_relative_mean']:.3f}", str(r["alerts"])]
+             for r in rows]
+    print_table(["site", "rounds", "recorded", "Σ(1 − cos)", "Σ‖Δ − Δ₋ₖ‖", "mean ‖Δ − Δ₋ₖ‖/‖Δ‖", "alerts"], cells,
+                title=f"contributions in {registry} (leave one out: how much the merged delta changes without the "
+                      "site)")
+
+
 def _history_cells(row: dict) -> list[str]:
     from fedtune.wire import printable
 
     created = str(row.get("created") or "")[:19].replace("T", " ")
+    alerts = [f"alert {a['kind']} {a['site']}: {printable(a['message'], 160)}" for a in row.get("alerts", [])]
+    if row["event"] == "held":
+        return [str(row["version"]), "", created, "", "", "", "; ".join(
+            [f"HELD on alerts (parent {row['parent']}): `fedtune promote {row['version']}` commits it"] + alerts)]
     if row["event"] == "roster":
         note = f"roster {row['action']} {printable(row['site'], 64)}" + (f" (key {short_key(row['key'])})"
                                                                           if row.get("key") else "")
@@ -252,6 +323,10 @@ def _history_cells(row: dict) -> list[str]:
     if secure:
         notes.append(f"secure aggregation: {len(secure['survivors'])} in the sum"
                      + (f", dropped {', '.join(secure['dropped'])}" if secure["dropped"] else ""))
+    if row.get("held"):
+        notes.append(f"held on {row['held'].get('alerts')} alert(s), promoted {str(row['held'].get('promoted'))[:19]}"
+                     + (f": {printable(row['held']['reason'], 200)}" if row["held"].get("reason") else ""))
+    notes += alerts
     return [str(row["version"]), str(row["round"]), created, method, contributors, rejected, "; ".join(notes)]
 
 
@@ -304,6 +379,47 @@ def verify(
               + (f"; {len(result['pending'])} pending (notes below)" if result["pending"] else ""))
     for note in result["pending"]:
         err.print(f"note: pending: {note}", markup=False)
+
+
+@app.command(rich_help_panel=COORDINATOR_PANEL)
+def promote(
+    version: Annotated[str, typer.Argument(help="the held version, e.g. v0004")],
+    registry: RegistryOpt,
+    reason: Annotated[Optional[str], typer.Option(
+        "--reason", help="why (recorded in the log line; with --reject, written beside the folder set aside)")] = None,
+    reject: Annotated[bool, typer.Option(
+        "--reject", help="set the held version aside instead (renamed vNNNN.rejected-TIME, never deleted), so its "
+                         "round can be aggregated again")] = False,
+    config: OptionalConfigOpt = None,
+    key: CoordinatorKeyOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Commit a version `aggregate --hold-on-alert` held on alerts, and move LATEST to it (signed and logged).
+
+    Refused: a version that is not held (already committed, or not made under --hold-on-alert), one whose parent is
+    not LATEST, and one whose manifest is not the coordinator's signature or whose files do not match it.
+    """
+    from fedtune.config import load_federation
+    from fedtune.monitor.hold import promote as promote_held
+    from fedtune.monitor.hold import reject as reject_held
+    from fedtune.registry import Registry, coordinator_signer
+
+    federation = load_federation(registry_config(registry, config))
+    store = Registry(registry, coordinator_signer(federation, Path(registry), key))
+    if reject:
+        if not reason or not reason.strip():
+            raise BadInput("--reason: say why the held version is set aside (written beside it)")
+        aside = reject_held(store, version, reason.strip())
+        if json_out:
+            print_json({"version": version, "rejected": True, "folder": str(aside), "latest": store.latest_name()})
+            return
+        out.print(f"set {version} aside as {aside}; LATEST stays {store.latest_name()}; aggregate its round again")
+        return
+    entry = promote_held(store, version, reason.strip() if reason else None)
+    if json_out:
+        print_json({"version": version, "promoted": True, "latest": store.latest_name(), "log_entry": entry})
+        return
+    out.print(f"promoted {version}: committed in {store.log_path} and LATEST = {store.latest_name()}")
 
 
 @app.command(rich_help_panel=COORDINATOR_PANEL)

@@ -38,7 +38,7 @@ from fedtune.data.contract import (
 from fedtune.data.dedup import near_duplicates
 from fedtune.data.prepared import CARD_FORMAT
 from fedtune.data.sources import check_input, input_sha256, read_records
-from fedtune.data.tokenize import PACKING, pack_to_parquet
+from fedtune.data.tokenize import EVAL_TASKS_FILE, PACKING, pack_to_parquet, write_eval_tasks
 from fedtune.errors import BadInput
 from fedtune.privacy.canaries import CANARIES_FILE, make_canaries, plant, secret_format_for, write_canaries
 
@@ -276,6 +276,9 @@ def prepare_site(
             log(f"{site}: {name}: {len(rows)} records → {card_rows[name]} sequences of {config.seq_len} tokens "
                 f"({time.perf_counter() - started:.1f} s)")
 
+        held_out = analyzed.select(splits["eval"]).select_columns(["messages"]).iter(batch_size=BATCH)
+        eval_tasks = write_eval_tasks((m for batch in held_out for m in batch["messages"]), tokenizer,
+                                      None if dry_run else staging / EVAL_TASKS_FILE)
         record_lengths = np.concatenate(list(histograms.values()))
         policy = pii_policy(config, len(site_terms), ner_model is not None, pii_settings)
         card = {
@@ -301,6 +304,7 @@ def prepare_site(
             # How many, never which: the secrets and prompts stay in canaries.json.
             "canaries": {"count": canaries, "repeats": canary_repeats if canaries else 0},
             "eval_fraction": settings.eval_fraction,
+            "eval_tasks": eval_tasks,
             "filters": {"min_chars": settings.min_chars, "max_chars": settings.max_chars,
                         "languages": list(settings.languages), "quality": list(settings.quality),
                         "dedup": settings.dedup.model_dump(mode="json")},
@@ -316,7 +320,9 @@ def prepare_site(
         with atomic_folder(out, replace=True, private=(CANARIES_FILE, PRIVACY_LEDGER)) as tmp:
             for name in splits:  # the work folder may be on another file system than --out
                 shutil.move(staging / f"{name}.parquet", tmp / f"{name}.parquet")
-            card["files"] = {f"{n}.parquet": sha256_file(tmp / f"{n}.parquet") for n in splits}
+            shutil.move(staging / EVAL_TASKS_FILE, tmp / EVAL_TASKS_FILE)
+            written = [f"{n}.parquet" for n in splits] + [EVAL_TASKS_FILE]
+            card["files"] = {name: sha256_file(tmp / name) for name in written}
             write_json_atomic(tmp / "data_card.json", card)
             if planted:
                 write_canaries(tmp / CANARIES_FILE, site, planted, canary_rows, card["files"]["train.parquet"],

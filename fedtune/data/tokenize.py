@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fedtune.data.prepared import EVAL_TASKS_FILE
 from fedtune.data.sources import Record
 from fedtune.errors import BadInput
 from fedtune.models import IGNORE
@@ -286,3 +288,52 @@ def pack_to_parquet(batches: Iterable, target: Path | None, seq_len: int, pad_id
 
 def _arrow(column) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+# Held-out generation tasks (`evaluate`'s task metrics): at most this many of the eval split's conversations are
+# kept, in the split's order; task metrics sample far fewer (evaluate --task-examples).
+MAX_EVAL_TASKS = 1000
+# A task's prompt keeps its last, and its answer its first, this many tokens (a few MB per site at most).
+MAX_TASK_TOKENS = 1024
+
+
+def generation_task(tokenizer, messages: list[dict] | None,
+                    max_tokens: int) -> tuple[list[int], list[int], bool] | None:
+    """The generation task of one held-out record, as tokens (a prepared folder never holds raw text): the
+    conversation rendered up to and including the generation prompt of its last assistant turn (cut on the left to
+    `max_tokens`), that turn's text tokenized alone (cut on the right to `max_tokens`), and whether either was cut.
+    None for a record with no assistant turn (plain text)."""
+    if not messages:
+        return None
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return None
+    prompt = _template_ids(tokenizer, messages[:last], generation_prompt=True) if last else []
+    answer = list(tokenizer(messages[last]["content"], add_special_tokens=False)["input_ids"])
+    cut = len(prompt) > max_tokens or len(answer) > max_tokens
+    return prompt[-max_tokens:], answer[:max_tokens], cut
+
+
+def write_eval_tasks(conversations: Iterable[str | None], tokenizer, target: Path | None) -> dict:
+    """Write the generation tasks of a held-out split's records (each one's `messages` as JSON, None for plain
+    text) to `target` as parquet, prompt_ids and answer_ids (lists of int32), at most MAX_EVAL_TASKS of them in the
+    split's order (nothing written when None); returns what the data card says of them."""
+    tasks, records, answered, cut = [], 0, 0, 0
+    for raw in conversations:
+        records += 1
+        messages = json.loads(raw) if raw is not None else []
+        if not any(m["role"] == "assistant" for m in messages):
+            continue
+        answered += 1
+        if len(tasks) < MAX_EVAL_TASKS:
+            prompt, answer, was_cut = generation_task(tokenizer, messages, MAX_TASK_TOKENS)
+            tasks.append((prompt, answer))
+            cut += was_cut
+    if target is not None:
+        schema = pa.schema([("prompt_ids", pa.list_(pa.int32())), ("answer_ids", pa.list_(pa.int32()))])
+        pq.write_table(pa.table({"prompt_ids": [p for p, _ in tasks], "answer_ids": [a for _, a in tasks]},
+                                schema=schema), target)
+    return {"count": len(tasks), "file": EVAL_TASKS_FILE, "max": MAX_EVAL_TASKS, "without_answer": records - answered,
+            "cut_to_max_tokens": cut, "max_tokens": MAX_TASK_TOKENS,
+            "about": "the last assistant turn of each held-out conversation and its prompt through the chat template, "
+                     "as tokens; plain-text records give none"}

@@ -121,6 +121,30 @@ class SecaggRecord(Wire):
     self_mask_commitment: Sha256
 
 
+# A bin, language, entity type or drop reason of a data profile: a short label, never free text.
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:<>+-]{1,64}$")]
+Counts = Annotated[dict[Label, Count], Field(max_length=256)]
+
+
+class DataProfile(Wire):
+    """The summary of a site's data card it sends with each update (counts only, no text), for data drift:
+    kept records, the token-length histogram, kept records by language, PII replacements by type, drops by reason."""
+
+    records: Count
+    token_lengths: Counts
+    languages: Counts
+    pii: Counts
+    dropped: Counts
+
+
+class SiteEval(Wire):
+    """The parent version's loss on the site's eval split (monitor.report_eval): sent exactly, so outside any DP
+    guarantee; refused under privacy modes."""
+
+    parent_loss: Real
+    tokens: Count
+
+
 class UpdateManifest(Wire):
     """What a site signs: its update's tensors (by sha256), where they start from and how they were made."""
 
@@ -137,10 +161,23 @@ class UpdateManifest(Wire):
     train: TrainRecord
     privacy: PrivacyRecord
     secagg: SecaggRecord | None = None
+    # absent from updates made by an earlier fedtune, or when monitoring does not ask for them
+    data_profile: DataProfile | None = None
+    eval: SiteEval | None = None
     sha256: Sha256 = Field(description="sha256 of adapter_model.safetensors")
     nonce: str = Field(pattern=NONCE, description="128 random bits: two honest updates never share one")
     fedtune_version: Annotated[str, Field(max_length=32)]
     created: Annotated[str, Field(max_length=40)]
+
+
+class Contribution(Wire):
+    """Leave-one-out change of the merged delta Δ without this site (Δ₋ₖ: the same merge, weights renormalised;
+    for rules that are not a fixed linear combination of the deltas, of their weighted mean: see the version's
+    monitor.contribution_basis)."""
+
+    loo_cosine: Real = Field(description="cos(Δ, Δ₋ₖ)")
+    loo_distance: Real = Field(description="‖Δ − Δ₋ₖ‖")
+    loo_relative: Real = Field(description="‖Δ − Δ₋ₖ‖ / ‖Δ‖")
 
 
 class Contributor(Wire):
@@ -160,6 +197,7 @@ class Contributor(Wire):
     round: int | None = Field(None, ge=1)
     staleness: int | None = Field(None, ge=0)
     staleness_scale: Real | None = None
+    contribution: Contribution | None = None
 
 
 class RejectedRecord(Wire):
@@ -231,6 +269,36 @@ class VersionParticipation(Wire):
                                                                  "aggregate ran (no deadline, or told to close)")
 
 
+class MonitorAlert(Wire):
+    kind: Literal["data", "update", "quality"]
+    site: str = Field(pattern=SITE_NAME)
+    metric: Text
+    value: Real
+    threshold: Real
+    message: Annotated[str, Field(max_length=500)]
+
+
+class ProfileReference(Wire):
+    version: str = Field(pattern=VERSION_NAME, description="the version whose round brought the site's first profile")
+    profile: DataProfile
+
+
+class VersionMonitor(Wire):
+    """What the coordinator observed of each site this round (fedtune.monitor) and the alerts it raised."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    sites: dict[Annotated[str, Field(pattern=SITE_NAME)], dict[Annotated[str, Field(max_length=64)], Real]] = {}
+    alerts: list[MonitorAlert] = []
+    references: dict[Annotated[str, Field(pattern=SITE_NAME)], ProfileReference] | None = Field(
+        None, description="each site's first data profile, carried forward: what data drift is measured against")
+    contribution_basis: Literal["rule", "linear"] | None = Field(
+        None, description="rule: Δ₋ₖ is the method itself re-run without site k; linear: the weighted mean without "
+        "k (the method is not a fixed linear combination of the deltas)")
+    held: bool | None = Field(None, description="written by aggregate --hold-on-alert with alerts: published, not "
+                              "committed, until `fedtune promote`")
+
+
 class VersionManifest(Wire):
     """What the coordinator signs for each global version."""
 
@@ -258,6 +326,7 @@ class VersionManifest(Wire):
     privacy: VersionPrivacy = VersionPrivacy()
     secure_aggregation: VersionSecagg | None = None
     participation: VersionParticipation | None = None
+    monitor: VersionMonitor | None = None
     adapter_sha256: Sha256
     fedtune_version: Text
     created: Text

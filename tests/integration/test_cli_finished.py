@@ -132,7 +132,7 @@ def test_prepare_refuses_a_folder_with_files_unless_overwrite(federation, site_f
     assert [p.name for p in out_dir.iterdir()] == ["notes.txt"]
     code, out, err = run_cli([*args, "--overwrite"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["data_card.json", "eval.parquet", "train.parquet"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["data_card.json", "eval.parquet", "eval_tasks.parquet", "train.parquet"]
 
 
 def test_aggregate_says_what_the_reconstruction_error_means(federation, round_one, capsys):

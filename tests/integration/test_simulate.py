@@ -131,8 +131,10 @@ def test_simulate_baselines_and_method_override(tmp_path, tiny_model, site_files
     again = evaluate(config, out / "baselines" / "central", [out / "prepared" / s for s in site_files])
     for site, metrics in again["sites"].items():
         assert metrics["loss"] == pytest.approx(report["baselines"]["central"][site], rel=1e-5)
+    # One row each in the eval-loss table and in the task-metrics table.
     rows = [line for line in stdout.splitlines() if line.strip("│ ").startswith(("local", "central"))]
-    assert len(rows) == 2, stdout
+    assert len(rows) == 4 and "task metrics per site" in stdout, stdout
+    assert set(report["tasks"]) >= {"base", "local", "central"}
 
 
 def test_attacker_sends_its_forged_update_and_median_resists(tmp_path, tiny_model, site_files, capsys):

@@ -354,7 +354,7 @@ def test_prepare_site_writes_card_and_splits(federation, site_files, tmp_path, t
     config, _ = federation
     out = tmp_path / "prepared" / "clinic"
     card = prepare_site(config, "clinic", [site_files["clinic"]], out)
-    assert sorted(p.name for p in out.iterdir()) == ["data_card.json", "eval.parquet", "train.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["data_card.json", "eval.parquet", "eval_tasks.parquet", "train.parquet"]
     on_disk = json.loads((out / "data_card.json").read_text())
     assert on_disk == card
 

@@ -757,7 +757,7 @@ def test_prepare_writes_but_warns_when_min_tokens_is_not_met(fed, tmp_path, caps
     code, stdout, err = run_cli(["prepare", "--config", config, "--site", SITE, "--input", raw, "--out", out], capsys)
     assert code == 0, err
     card = json.loads((out / "data_card.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["data_card.json", "eval.parquet", "train.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["data_card.json", "eval.parquet", "eval_tasks.parquet", "train.parquet"]
     contract = card["contract"]
     assert contract["satisfied"] is False and contract["min_tokens"] == 10**9
     assert len(contract["problems"]) == 1
