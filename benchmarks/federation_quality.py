@@ -3,6 +3,7 @@
     python benchmarks/federation_quality.py --save benchmarks/results/federation_quality_cpu.json   # ~30 min, 2 cores
     python benchmarks/federation_quality.py --report benchmarks/results/federation_quality_cpu.json # reprint a record
     python benchmarks/federation_quality.py --model PATH --steps 2 --rounds 2   # a tiny model: checks the script
+    python benchmarks/federation_quality.py --sweep 2x3,6x1,3x2 --save benchmarks/results/federation_quality_sweep_cpu.json
 
 Table 1 (recipes/non-iid, five sites, five domains): eval loss per site and mean for the base model,
 local-only adapters (each site alone, on its own eval split), a centralized adapter (all data pooled,
@@ -14,6 +15,12 @@ Table 2 (attackers, sign-flip × 20; × 10 left fedavg within 10 % of clean in t
 1 of 5 sites (the recipe's roster) and 2 of 7 (clinic and bank each split across two sites; one half
 of each attacks), eval loss averaged over the honest sites for fedavg, trimmed-mean, median and krum
 beside the clean run (fedavg, every site honest, the attackers' honest updates included).
+
+The sweep (--sweep ROUNDSxSTEPS,...; --methods, default fedavg,stack) replaces both tables: each method's
+global version after R rounds of S steps per site, beside local-only and centralized trained for the same
+R × S steps per site, so budgets with equal R × S show what more rounds of communication buy, and larger
+R × S what more local work buys. Its gap is measured on every site's split (the own-split gap is often not
+defined, see Table 1), on the mean and on the worst single split.
 
 Everything runs through fedtune's stage functions (init_federation, prepare_site, train_local,
 aggregate_round, evaluate) and the attack forging of `fedtune simulate`. To fit 2 CPU cores: each site
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -42,6 +51,12 @@ EXACT = ("svd", "stack", "ffa")
 ROBUST = ("trimmed-mean", "median", "krum", "multi-krum")
 STARTED = time.perf_counter()
 REUSED: list[str] = []  # rosters an earlier run left in --work (their finished runs are not trained again)
+
+
+def fail(message: str) -> None:
+    """Bad input: one line naming what and the fix, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def log(message: str) -> None:
@@ -73,9 +88,9 @@ class Roster:
         from fedtune.config import TrainingPlan, load_federation
 
         config = load_federation(folder / "federation.yaml")
-        same = config.model_dump(include=set(TrainingPlan.model_fields)) == {k: v for k, v in plan.items() if k != "name"}
+        same = config.model_dump(include=set(TrainingPlan.model_fields), by_alias=True) == {k: v for k, v in plan.items() if k != "name"}
         if not same or config.site_names() != list(inputs):
-            sys.exit(f"error: {folder}: holds a federation with other settings or sites; give another --work folder")
+            fail(f"{folder}: holds a federation with other settings or sites; give another --work folder")
         REUSED.append(folder.name)
         log(f"{folder.name}: reusing the federation and prepared data left in {folder}")
         return config
@@ -88,8 +103,11 @@ class Roster:
 
     def fork(self, name: str) -> tuple[Path, Path]:
         """(registry, updates root) of a new run starting at this roster's v0000."""
+        from fedtune.registry import COORDINATOR_KEY
+
         run = self.folder / "runs" / name
         shutil.copytree(self.registry / "v0000", run / "registry" / "v0000")
+        shutil.copy2(self.folder / COORDINATOR_KEY, run / COORDINATOR_KEY)  # the fork's versions are signed with it too
         (run / "registry" / "LATEST").write_text("v0000\n")
         return run / "registry", run / "updates"
 
@@ -130,13 +148,17 @@ def run(roster: Roster, name: str, rounds: int, first: Path, config=None, attack
     from fedtune.simulate import forge_update, train_round
 
     config = config or roster.config
-    done = roster.folder / "runs" / name / "registry"
-    if (done / f"v{rounds:04d}").is_dir():  # left by an earlier run in --work with the same settings
-        return [done / f"v{n:04d}" for n in range(1, rounds + 1)]
-    shutil.rmtree(roster.folder / "runs" / name, ignore_errors=True)
-    registry, updates = roster.fork(name)
-    versions = []
-    for number in range(1, rounds + 1):
+    registry, updates = roster.folder / "runs" / name / "registry", roster.folder / "runs" / name / "updates"
+    # A run left in --work (or by a shorter budget of the sweep) with the same settings goes on from its LATEST:
+    # training is seeded by site and round, so rounds 1..k of a longer run are the shorter run's.
+    have = int((registry / "LATEST").read_text().strip()[1:]) if (registry / "LATEST").is_file() else 0
+    versions = [registry / f"v{n:04d}" for n in range(1, min(have, rounds) + 1)]
+    if have == 0:
+        shutil.rmtree(roster.folder / "runs" / name, ignore_errors=True)
+        registry, updates = roster.fork(name)
+    for stale in (p for p in updates.glob("round-*") if int(p.name[6:]) > have):  # an interrupted round
+        shutil.rmtree(stale)
+    for number in range(have + 1, rounds + 1):
         if number == 1:
             round_dir = updates / first.name
             shutil.copytree(first, round_dir)
@@ -178,26 +200,37 @@ def split_inputs(work: Path, inputs: dict[str, list[Path]], split: tuple[str, ..
     return out
 
 
-def quality_study(roster: Roster, rounds: int, steps: int, base_model) -> tuple[dict, dict[str, list[Path]]]:
-    """Table 1. Returns its record and every method's version folders (the attack study reuses fedavg's)."""
+def baseline_rows(roster: Roster, baselines: Path, steps_per_site: int, base_model) -> dict[str, dict[str, float]]:
+    """local (each site's adapter on its own split), local-all (every local adapter on every split, averaged
+    per split) and central eval losses, the adapters trained from v0000 for `steps_per_site` per site."""
     from fedtune.baselines import run_baselines
 
     sites = list(roster.prepared)
-    table = {"base": losses(roster, "base", sites, base_model)}
-    baselines = roster.folder / "baselines"
+    if (baselines / "losses.json").is_file():  # left by an earlier run in --work: the adapters' scores
+        return json.loads((baselines / "losses.json").read_text())
+    table = {}
     if (baselines / "central" / "manifest.json").is_file():  # written last, so every local one is there too
-        log("baselines: reusing the adapters left in --work")
+        log(f"baselines ({steps_per_site} steps per site): reusing the adapters left in --work")
         table["central"] = losses(roster, baselines / "central", sites, base_model)
     else:
         shutil.rmtree(baselines, ignore_errors=True)
-        log("baselines: local-only per site and centralized, from v0000")
+        log(f"baselines: local-only per site and centralized, from v0000, {steps_per_site} steps per site")
         table.update(run_baselines(roster.config, roster.prepared, list(roster.prepared.values()), roster.registry / "v0000",
-                                   baselines, ("local", "central"), steps_per_site=rounds * steps,
+                                   baselines, ("local", "central"), steps_per_site=steps_per_site,
                                    base_model=base_model, log=log))
     # Every local-only adapter on every site: what one site alone reaches on the federation's task.
     on_all = {owner: losses(roster, baselines / "local" / owner, sites, base_model) for owner in sites}
     table["local"] = {s: on_all[s][s] for s in sites}
     table["local-all"] = {s: mean(on_all[owner][s] for owner in sites) for s in sites}
+    (baselines / "losses.json").write_text(json.dumps(table, indent=2) + "\n")
+    return table
+
+
+def quality_study(roster: Roster, rounds: int, steps: int, base_model) -> tuple[dict, dict[str, list[Path]]]:
+    """Table 1. Returns its record and every method's version folders (the attack study reuses fedavg's)."""
+    sites = list(roster.prepared)
+    table = {"base": losses(roster, "base", sites, base_model)}
+    table.update(baseline_rows(roster, roster.folder / "baselines", rounds * steps, base_model))
     shared = roster.first_round("round1-AB")
     versions = {}
     for method in METHODS:
@@ -324,6 +357,104 @@ def report(record: dict) -> dict:
     return {**record, "gap_closed": shares, "gap_closed_every_site": shares_all, "goals": goals}
 
 
+def sweep_study(roster: Roster, budgets: list[tuple[int, int]], methods: list[str], base_model, record: dict,
+                save=lambda _record: None, earlier: dict | None = None) -> dict:
+    """The sweep: for each method and (rounds, steps) budget, the global version after `rounds` rounds of `steps`
+    steps per site, beside local-only and centralized trained for the same rounds × steps per site.
+
+    A method's runs with the same steps are one run read at each budget's round (rounds 1..k of a longer run are
+    the shorter one's); baselines are trained once per total steps per site. `earlier`, a Table 1 record of the
+    same setup, gives the baselines and method rows of its budget instead of training them again (training is
+    seeded: checked by the base model's losses, which must match). `record` is filled in as runs finish and
+    handed to `save`, so an interrupted sweep keeps what it measured."""
+    sites = list(roster.prepared)
+    scored = roster.folder / "base_losses.json"  # the base model's scores, kept in --work for a rerun
+    if not scored.is_file():
+        scored.write_text(json.dumps(losses(roster, "base", sites, base_model)) + "\n")
+    record.update(base=json.loads(scored.read_text()), baselines={}, runs=[])
+    if earlier is not None:
+        if any(abs(earlier["table1"]["base"][s] - record["base"][s]) > 1e-4 for s in sites):
+            fail(f"--reuse: the base model's losses differ from the record's ({earlier['table1']['base']} here "
+                 f"{record['base']}); the data or model changed, measure without --reuse")
+        total = earlier["rounds"] * earlier["training"]["steps"]
+        record["baselines"][str(total)] = {k: earlier["table1"][k] for k in ("local", "local-all", "central")}
+        record["runs"] += [{"rounds": earlier["rounds"], "steps": earlier["training"]["steps"], "method": m,
+                            "loss": earlier["table1"][m], "reused": True} for m in methods]
+    for method in methods:
+        for rounds, steps in budgets:
+            total = rounds * steps
+            if any((r["rounds"], r["steps"], r["method"]) == (rounds, steps, method) for r in record["runs"]):
+                continue
+            if str(total) not in record["baselines"]:
+                record["baselines"][str(total)] = baseline_rows(roster, roster.folder / f"baselines-{total}", total, base_model)
+                save(record)
+            config = roster.with_method(method)
+            config.training.steps = steps
+            first = roster.first_round(f"round1-{'B' if method == 'ffa' else 'AB'}-s{steps}", config)
+            version = run(roster, f"{method}-s{steps}", rounds, first, config=config)[-1]
+            scored = version.parent.parent / f"losses-{version.name}.json"  # kept in --work for a rerun
+            if not scored.is_file():
+                scored.write_text(json.dumps(losses(roster, version, sites, base_model)) + "\n")
+            row = {"rounds": rounds, "steps": steps, "method": method, "loss": json.loads(scored.read_text())}
+            record["runs"].append(row)
+            log(f"sweep {rounds} x {steps}, {method}: mean eval loss {mean(row['loss'].values()):.4f}")
+            save(record)
+    return record
+
+
+def sweep_shares(record: dict, row: dict) -> dict[str, float | None]:
+    """A sweep row's share of the gap: own (local-only on its own split → centralized, mean loss), every
+    (every local-only adapter on every split → centralized, mean loss) and worst (the smallest share of
+    that gap over the single splits). None where centralized is not better, so there is no gap."""
+    base = record["baselines"][str(row["rounds"] * row["steps"])]
+    sites, loss = record["sites"], row["loss"]
+
+    def share(local: float, central: float, value: float) -> float | None:
+        return (local - value) / (local - central) if local > central else None
+
+    def on_mean(key: str) -> float | None:
+        return share(*(mean(values[s] for s in sites) for values in (base[key], base["central"], loss)))
+
+    per_split = [share(base["local-all"][s], base["central"][s], loss[s]) for s in sites]
+    return {"own": on_mean("local"), "every": on_mean("local-all"),
+            "worst": None if None in per_split else min(per_split)}
+
+
+def report_sweep(record: dict) -> dict:
+    """Print the sweep's table and goal; returns the record with each row's shares and the goals."""
+    sites, pct = record["sites"], lambda v: "n/a" if v is None else f"{100 * v:.1f} %"
+    print(f"# Federation quality sweep — {record['model']}, {', '.join(sites)}; seq_len {record['seq_len']}, LoRA r "
+          f"{record['lora']['r']} on {','.join(record['lora']['target_modules'])}, batch "
+          f"{record['training']['batch_size']}, lr {record['training']['lr']:g}; {record['threads']} CPU threads"
+          + ("" if record.get("complete") else " — INCOMPLETE: the budgets below are the ones that finished"))
+    if record.get("reused"):
+        rounds, steps = record["reused"]["budget"]
+        print(f"# The {rounds} × {steps} rows (baselines and methods, marked *) are those of {record['reused']['from']} "
+              f"(Table 1, {record['reused']['threads']} threads), not trained again; the base model's losses match it.")
+    print(f"\nbase model: mean eval loss {mean(record['base'][s] for s in sites):.4f}\n")
+    print("| rounds × steps | steps per site | model | mean eval loss | gap closed (own site) | gap closed (every site) "
+          "| worst split's gap closed (every site) |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for total, base in record["baselines"].items():
+        for key, label in (("local", "local-only, own split"), ("local-all", "local-only, every split"), ("central", "centralized")):
+            print(f"| | {total} | {label} | {mean(base[key][s] for s in sites):.4f} | | | |")
+        for row in (r for r in record["runs"] if r["rounds"] * r["steps"] == int(total)):
+            shares = sweep_shares(record, row)
+            rows.append({**row, "gap_closed": shares})
+            print(f"| {row['rounds']} × {row['steps']} | {total} | {row['method']}{' *' if row.get('reused') else ''} | {mean(row['loss'].values()):.4f} | "
+                  f"{pct(shares['own'])} | {pct(shares['every'])} | {pct(shares['worst'])} |")
+    print()
+    ranked = [r for r in rows if r["gap_closed"]["worst"] is not None]
+    best = max(ranked, key=lambda r: r["gap_closed"]["worst"], default=None)
+    goals = [goal(best is not None and best["gap_closed"]["worst"] >= 0.9,
+                  "some budget closes >= 90 % of the local-only -> centralized gap (every site) on every site's split"
+                  + ("" if best is None else f" (best: {best['method']} at {best['rounds']} x {best['steps']}, worst split "
+                                             f"{pct(best['gap_closed']['worst'])}, mean {pct(best['gap_closed']['every'])})"))]
+    print(f"\ntotal {record['seconds'] / 60:.1f} min")
+    return {**record, "runs": rows or record["runs"], "goals": goals}
+
+
 def measure(args) -> dict:
     """Run both studies; returns the record of every loss measured (no summaries)."""
     import torch
@@ -343,10 +474,36 @@ def measure(args) -> dict:
     inputs = {s.name: [recipe_dir / p for p in s.inputs] for s in recipe.sites}
     work = args.work or Path(tempfile.mkdtemp(prefix="fedtune-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    log(f"work folder {work}; Table 1 {rounds} rounds, Table 2 {args.attack_rounds} round(s)")
+    log(f"work folder {work}; " + (f"sweep {args.sweep} ({args.methods})" if args.sweep else
+                                   f"Table 1 {rounds} rounds, Table 2 {args.attack_rounds} round(s)"))
 
+    if Path(model).is_dir():  # the federation records an id; the sites find the weights in this folder
+        os.environ[models.MODEL_DIR_ENV] = str(Path(model).resolve())
     five = Roster(work / "five", inputs, model, plan)
-    base_model = models.load_base_model(five.config.base_model.id)
+    base_model = models.load_base_model(models.locate_base(five.config.base_model.id, five.config.base_model.sha256))
+    about = {"model": model, "recipe": _shown(args.recipe), "seq_len": plan["seq_len"], "lora": plan["lora"],
+             "training": plan["training"], "sites": list(five.prepared), "threads": torch.get_num_threads()}
+    if args.sweep:
+        budgets = [tuple(int(n) for n in b.split("x")) for b in args.sweep.split(",")]
+        methods = args.methods.split(",")
+        earlier = None
+        if args.reuse:
+            earlier = json.loads(args.reuse.read_text())
+            if any(earlier.get(k) != about[k] for k in ("model", "seq_len", "lora", "sites")) or \
+                    {**earlier["training"], "steps": 0} != {**plan["training"], "steps": 0}:
+                fail(f"--reuse {args.reuse}: measured with another model, data or training settings; measure without it")
+            about["reused"] = {"from": str(args.reuse), "budget": [earlier["rounds"], earlier["training"]["steps"]],
+                               "threads": earlier["threads"]}
+
+        def save(record):
+            if args.save:
+                write_record(args.save, {**record, "seconds": round(time.perf_counter() - STARTED, 1)})
+
+        record = sweep_study(five, budgets, methods, base_model, {**about, "budgets": budgets, "methods": methods,
+                                                                   "complete": False}, save, earlier)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        return {**record, "complete": True, "seconds": round(time.perf_counter() - STARTED, 1)}
     sites = list(five.prepared)
     table1, versions = quality_study(five, rounds, steps, base_model)
     seconds1 = time.perf_counter() - STARTED
@@ -360,13 +517,21 @@ def measure(args) -> dict:
     setting7 = attack_study(seven, tuple(f"{s}-b" for s in split), args.attack_rounds, attack, base_model, reuse=five)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    recipe_path = args.recipe.resolve()
-    return {"model": model, "recipe": str(recipe_path.relative_to(ROOT) if recipe_path.is_relative_to(ROOT) else recipe_path),
-            "seq_len": plan["seq_len"], "lora": plan["lora"], "training": plan["training"], "rounds": rounds,
-            "attack_rounds": args.attack_rounds, "attack": attack.model_dump(), "sites": sites,
-            "table1": table1, "table2": [setting5, setting7], "threads": torch.get_num_threads(),
-            "seconds": round(time.perf_counter() - STARTED, 1), "seconds_table1": round(seconds1, 1),
-            "reused_from_work": REUSED}
+    return {**about, "rounds": rounds, "attack_rounds": args.attack_rounds, "attack": attack.model_dump(),
+            "table1": table1, "table2": [setting5, setting7], "seconds": round(time.perf_counter() - STARTED, 1),
+            "seconds_table1": round(seconds1, 1), "reused_from_work": REUSED}
+
+
+def _shown(recipe: Path) -> str:
+    path = recipe.resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)  # a reader never sees half a record
 
 
 def main() -> None:
@@ -381,16 +546,25 @@ def main() -> None:
     parser.add_argument("--attack", default="sign-flip:20", help="KIND:FACTOR every attacker uses (sign-flip, scale, noise)")
     parser.add_argument("--work", type=Path, help="folder for the runs, kept (default: a temporary folder, removed after); "
                                                   "a later run with the same settings reuses the runs it finds there")
+    parser.add_argument("--sweep", help="ROUNDSxSTEPS,... : instead of Tables 1 and 2, each method's gap closed at each "
+                                         "budget, e.g. 3x10,10x3,30x1 (same steps per site) and 10x10")
+    parser.add_argument("--methods", default="fedavg,stack", help="methods the sweep runs (fedavg, svd, ffa, stack)")
+    parser.add_argument("--reuse", type=Path, help="with --sweep: a Table 1 record of the same setup whose baselines and "
+                                                   "method rows stand for its rounds x steps budget (not trained again)")
     parser.add_argument("--save", type=Path, help="write the JSON record here")
     parser.add_argument("--report", type=Path, help="print the tables and goals of a saved record instead of measuring")
     args = parser.parse_args()
 
-    import os
     import warnings
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for module in ("peft", "transformers", "accelerate", "torch"):  # library deprecation chatter, not results
         warnings.filterwarnings("ignore", module=module)
+    if args.sweep and not re.fullmatch(r"[1-9]\d*x[1-9]\d*(,[1-9]\d*x[1-9]\d*)*", args.sweep):
+        fail(f"--sweep {args.sweep!r}: give budgets as ROUNDSxSTEPS separated by commas, e.g. 3x10,10x3,30x1")
+    unknown = [m for m in args.methods.split(",") if m not in ("fedavg", *EXACT)]
+    if unknown:
+        fail(f"--methods: unknown method {unknown[0]!r}; choose from fedavg, {', '.join(EXACT)} (comma-separated)")
     if args.report:
         record = json.loads(args.report.read_text())
     else:
@@ -398,10 +572,9 @@ def main() -> None:
 
         hf_logging.set_verbosity_error()
         record = measure(args)
-    record = report(record)
+    record = report_sweep(record) if "budgets" in record else report(record)
     if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.save, record)
         print(f"wrote {args.save}")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: a ~1.1B-parameter Llama built from a config (no weights), LoRA training in bf16 at seq 1024
-# for 50 timed steps, through fedtune's loop and through HF Trainer + peft, on one GPU.
+# for 50 timed steps, through fedtune's loop, TRL's SFTTrainer (where trl is installed) and HF Trainer + peft, on one
+# GPU.
 #   bash benchmarks/gpu_check.sh            (writes gpu_check.json into $OUT or the current folder)
 # Where pydantic is missing, wheels in .whl/ are installed into /tmp/site first.
 set -euo pipefail

@@ -14,10 +14,10 @@ files, with the registry reset to v0000 before it. Two kinds of runs alternate:
                 the engine runs exactly as in the plain run.
 
 The content checks run on a thread pool (one worker per core); there the wall time of the pool is split
-between copy_tensors (read once into a private copy, hashed while copied), delta_norm (finite + norm) and
+between read_private_copy (copied inside the kernel, then read once: hashed while mapped), delta_norm (finite + norm) and
 the rest of check_tensors (header against the parent's) in proportion to the thread-seconds each took.
 Everything else is sequential, so its wall time is measured directly. Shares are of the whole process's
-wall time (interpreter start to exit). Last, copy_tensors runs alone over the round's files, and the same
+wall time (interpreter start to exit). Last, read_private_copy runs alone over the round's files, and the same
 reads + sha256 without the write, to show what writing the private copies costs. --save writes JSON
 (benchmarks/results/trust_cpu.json by default).
 """
@@ -53,7 +53,7 @@ PHASES = [
     ("read_envelope", "read + parse the manifests (read_envelope)"),
     ("check_signature", "VERIFY SIGNATURES (check_signature: canonical JSON + Ed25519)"),
     ("lineage", "lineage checks (check_lineage)"),
-    ("copy_tensors", "read once into private copies, hashing (copy_tensors)"),
+    ("read_private_copy", "read once from private copies, hashing (read_private_copy)"),
     ("delta_norm", "content checks: finite + norm (delta_norm)"),
     ("header", "content checks: keys/shapes vs parent (rest of check_tensors)"),
     ("merge", "merge (merge_updates)"),
@@ -116,7 +116,7 @@ def instrumented(out_path: Path, cli_args: list[str]) -> None:
     for name in ("aggregate_round", "_aggregate", "coordinator_signer", "read_version_manifest", "collect_round",
                  "merge_updates", "check_merged", "save_file", "sha256_file", "write_version_manifest", "_sync_folder"):
         clock.wrap(engine, name)
-    for name in ("read_envelope", "check_signature", "check_lineage", "check_tensors", "copy_tensors", "delta_norm"):
+    for name in ("read_envelope", "check_signature", "check_lineage", "check_tensors", "read_private_copy", "delta_norm"):
         clock.wrap(validate, name)
     clock.wrap(wire_update, "verify", "ed25519_verify")  # what Envelope.signed_by calls
     for name in ("recover", "accepted", "publish", "commit"):
@@ -151,9 +151,9 @@ def phases_of(clock: Clock, imported: float, finished: float) -> dict:
         "read_envelope": t("read_envelope"),
         "check_signature": t("check_signature"),
         "lineage": t("check_lineage"),
-        "copy_tensors": part(t("copy_tensors")),
+        "read_private_copy": part(t("read_private_copy")),
         "delta_norm": part(t("delta_norm")),
-        "header": part(busy - t("copy_tensors") - t("delta_norm")),
+        "header": part(busy - t("read_private_copy") - t("delta_norm")),
         "merge": t("merge_updates"),
         "check_merged": t("check_merged"),
         "write": write_end - clock.last("check_merged"),
@@ -165,7 +165,7 @@ def phases_of(clock: Clock, imported: float, finished: float) -> dict:
         "aggregate_round": t("aggregate_round"),
         "collect_round": t("collect_round"),
         "content_pool_wall": pool_wall,
-        "thread_seconds": {"check_tensors": busy, "copy_tensors": t("copy_tensors"), "delta_norm": t("delta_norm")},
+        "thread_seconds": {"check_tensors": busy, "read_private_copy": t("read_private_copy"), "delta_norm": t("delta_norm")},
         "signatures": {"check_signature_calls": clock.count("check_signature"),
                        "ed25519_verify_calls": clock.count("ed25519_verify"),
                        "ed25519_verify_seconds": t("ed25519_verify")},
@@ -178,13 +178,14 @@ def phases_of(clock: Clock, imported: float, finished: float) -> dict:
 
 
 def copy_anatomy(files: list[Path], work: Path) -> dict:
-    """Where copy_tensors' time goes, one file after another on one core: the same reads and sha256 without the
-    write, then copy_tensors itself writing its private copies into `work` (the file system the engine's
+    """Where read_private_copy's time goes, one file after another on one core: the same reads and sha256 without the
+    write, then read_private_copy itself writing its private copies into `work` (the file system the engine's
     copies go to), warm page cache both times."""
     import hashlib
     import shutil
 
-    from fedtune.wire.update import COPY_CHUNK, copy_tensors
+    from fedtune.aggregate.updates import read_private_copy
+    from fedtune.wire.update import COPY_CHUNK
 
     start = time.perf_counter()
     for path in files:
@@ -197,12 +198,12 @@ def copy_anatomy(files: list[Path], work: Path) -> dict:
     try:
         start = time.perf_counter()
         for index, path in enumerate(files):
-            copy_tensors(path, work / f"{index}.safetensors", 2 * path.stat().st_size)
+            read_private_copy(path, work / f"{index}.safetensors", 2 * path.stat().st_size, None)
         copied = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "read_sha256_seconds": read_hash,
-            "copy_tensors_seconds": copied}
+            "read_private_copy_seconds": copied}
 
 
 def main() -> None:
@@ -327,11 +328,11 @@ def report(record: dict, args) -> None:
     print(f"\n  of the signature checks, Ed25519 verify itself: {verify:.4f} s ({calls} calls, "
           f"{1e6 * verify / max(1, calls):.0f} µs each)")
     print(f"  content checks ran on a pool: {first['content_pool_wall']:.3f} s wall for "
-          f"{first['thread_seconds']['check_tensors']:.3f} thread-s (copy_tensors {first['thread_seconds']['copy_tensors']:.3f}, "
+          f"{first['thread_seconds']['check_tensors']:.3f} thread-s (read_private_copy {first['thread_seconds']['read_private_copy']:.3f}, "
           f"delta_norm {first['thread_seconds']['delta_norm']:.3f}) in the first run; the rows above split its wall time")
     anatomy = record["copy_anatomy"]
-    print(f"  copy_tensors alone, {anatomy['files']} files one after another: {anatomy['copy_tensors_seconds']:.2f} s "
-          f"({anatomy['bytes'] / anatomy['copy_tensors_seconds'] / 1e9:.2f} GB/s); the same reads + sha256 without "
+    print(f"  read_private_copy alone, {anatomy['files']} files one after another: {anatomy['read_private_copy_seconds']:.2f} s "
+          f"({anatomy['bytes'] / anatomy['read_private_copy_seconds'] / 1e9:.2f} GB/s); the same reads + sha256 without "
           f"writing the copy: {anatomy['read_sha256_seconds']:.2f} s ({anatomy['bytes'] / anatomy['read_sha256_seconds'] / 1e9:.2f} GB/s)")
     goal = record["goal"]
     print(f"\ngoal\n  {goal['result']:<6} {goal['goal']}: {100 * goal['share']:.3f} %")

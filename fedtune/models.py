@@ -381,16 +381,28 @@ def load_base_model(model_id: str | Path, dtype=None, quantization: str = "none"
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
 
 
+def labelled_hidden(model, input_ids, labels):
+    """For a plain-head model: the decoder's last hidden states [n, hidden] at the n positions whose next token has
+    a label, those labels [n], and the output projection; None for a model outside PLAIN_HEAD_MODELS."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state
+    return hidden[:, :-1][keep], target[keep], base.get_output_embeddings()
+
+
 def labelled_logits(model, input_ids, labels):
     """Logits [n, vocab] (float32) at the n positions whose next token has a label, and those labels [n].
 
     Instruction data trains on the answers only, so many positions need no projection onto the
     vocabulary: projecting only the labelled ones saves compute and the [batch, seq, vocab] tensor.
     """
+    plain = labelled_hidden(model, input_ids, labels)
+    if plain is not None:
+        hidden, target, head = plain
+        return head(hidden).float(), target
     target = labels[:, 1:]
     keep = target != IGNORE
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS:
-        hidden = base.get_decoder()(input_ids=input_ids).last_hidden_state
-        return base.get_output_embeddings()(hidden[:, :-1][keep]).float(), target[keep]
     return model(input_ids=input_ids).logits[:, :-1][keep].float(), target[keep]

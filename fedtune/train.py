@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedtune import launch, models, qlora
+from fedtune import launch, lm_loss, models, qlora
 from fedtune.adapter import ADAPTER_FILE, adapter_config, lora_config, read_tensors
 from fedtune.aggregate import method_class
 from fedtune.config import FederationConfig, TrainingSettings, parse_model
@@ -68,17 +68,13 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     With `labelled` (the labelled positions of a whole batch split over processes), the summed cross-entropy of
     this share divided by it: the shares' losses add up to the whole batch's mean.
     """
-    logits, target = models.labelled_logits(model, input_ids, labels)
-    if target.numel() == 0:
-        return logits.sum() * 0.0
-    if labelled is None:
-        return torch.nn.functional.cross_entropy(logits, target)
-    return torch.nn.functional.cross_entropy(logits, target, reduction="sum") / max(labelled, 1)
+    total, count = lm_loss.labelled_loss_sum(model, input_ids, labels)
+    return total / max(count if labelled is None else labelled, 1)
 
 
 class _Objective(torch.nn.Module):
     """The model with its loss as `forward`. DistributedDataParallel arms its gradient all-reduce in forward(), and
-    the loss takes the labelled-positions path (models.labelled_logits) rather than the model's own forward."""
+    the loss takes the labelled-positions path (fedtune.lm_loss) rather than the model's own forward."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -86,6 +82,11 @@ class _Objective(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, labelled: int | None = None) -> torch.Tensor:
         return causal_lm_loss(self.model, input_ids, labels, labelled)
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused AdamW for these parameters: floating point, on the CPU or a CUDA GPU."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 @dataclass
@@ -136,7 +137,9 @@ def train_loop(
     rank, world = accelerator.process_index, accelerator.num_processes
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    # fused: one kernel per tensor for the whole update, rather than a dozen small ops per LoRA factor (measured:
+    # half the optimizer's CPU time); the same update to float rounding.
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=_fusable(params))
     warmup = settings.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     objective = _Objective(model)
@@ -403,4 +406,7 @@ def compute_update(
         },
         "privacy": privacy,
     }
+    from fedtune.monitor import site_fields  # data profile; parent's eval loss (restores the parent's tensors)
+
+    fields.update(site_fields(config, card, data, result.model, parent_tensors))
     return ComputedUpdate(site, number, delta, fields, adapter_config(config, rank))
