@@ -6,10 +6,13 @@ Imported as `fedkit` (tests/ is on sys.path through conftest.py, like `from conf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import secrets
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,24 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_OVERRIDES, TOPICS, site_records, write_jsonl
 
 ADAPTER = "adapter_model.safetensors"
+
+
+def run_fedtune(*args) -> tuple[int, str, str]:
+    """`fedtune ARGS` run in this process: (exit code, stdout, stderr)."""
+    from fedtune import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    old = sys.argv
+    sys.argv = ["fedtune", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli.main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv = old
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 @dataclass

@@ -10,7 +10,6 @@ contributes a zero delta to A.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import mmap
 import os
@@ -24,8 +23,8 @@ from safetensors import safe_open
 
 from fedtune.wire.codec import WireError, open_regular, parse_json
 from fedtune.wire.tensors import MAX_HEADER_BYTES, Layout, pad_rank, read_header
+from fedtune.wire.update import copy_between
 
-COPY_CHUNK = 4 << 20
 # torch views the read-only mapping of a private copy to take norms; it warns that such a tensor could be
 # written through, and nothing here writes.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -53,7 +52,7 @@ def read_private_copy(source: Path, target: Path, max_bytes: int, expected: Layo
     try:
         out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
-            _copy(fd, out, size)
+            copy_between(fd, out, size)
             copied = os.fstat(out).st_size  # less than size when the file shrank meanwhile
             if copied < 8:
                 read_header(os.pread(out, copied, 0), copied, source.name)  # raises: too short
@@ -104,24 +103,6 @@ def _norm(data: memoryview, offset: int, shape: tuple[int, ...], dtype: str) -> 
         data = memoryview(bytearray(data))  # an unaligned tensor (safetensors writes none): an aligned copy
     tensor = torch.frombuffer(data, dtype=torch_dtype).view(shape)
     return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
-
-
-def _copy(source: int, target: int, size: int) -> None:
-    """Up to `size` bytes between two descriptors: inside the kernel (copy_file_range; a reflink where the file
-    system has them), else through a buffer."""
-    copied = 0
-    try:
-        while copied < size and (count := os.copy_file_range(source, target, size - copied)):
-            copied += count
-        return
-    except OSError as err:
-        if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-            raise
-    while copied < size and (block := os.read(source, min(COPY_CHUNK, size - copied))):
-        view = memoryview(block)
-        while view:
-            view = view[os.write(target, view):]
-        copied += len(block)
 
 
 class RoundReader:

@@ -96,7 +96,7 @@ def copy_tensors(source: Path, target: Path, max_bytes: int) -> tuple[str, Layou
     try:
         out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _copy(fd, out, size)
+            copy_between(fd, out, size)
         finally:
             os.close(out)
     except OSError as err:
@@ -119,7 +119,7 @@ def copy_tensors(source: Path, target: Path, max_bytes: int) -> tuple[str, Layou
     return digest.hexdigest(), read_header(prefix, copied, source.name)
 
 
-def _copy(source: int, target: int, size: int) -> None:
+def copy_between(source: int, target: int, size: int) -> None:
     """Copy `size` bytes (at most) between two descriptors inside the kernel (copy_file_range: no pass through
     this process, a reflink where the filesystem has them), else by reading and writing."""
     copied = 0

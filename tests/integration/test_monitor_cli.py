@@ -5,35 +5,15 @@ passes throughout."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
 import fedkit
 from conftest import site_records, write_jsonl
-
-
-def fedtune(*args) -> tuple[int, str, str]:
-    """`fedtune ARGS` run in this process: (exit code, stdout, stderr)."""
-    from fedtune import cli
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = ["fedtune", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            cli.main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    finally:
-        sys.argv = old
-    return code, stdout.getvalue(), stderr.getvalue()
+from fedkit import run_fedtune as fedtune
 
 
 def ok(*args) -> str:

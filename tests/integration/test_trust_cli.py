@@ -4,9 +4,7 @@ leaves), rollback, and roster changes — each through the real command line on 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -23,6 +21,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import TOPICS, site_records, write_jsonl
+from fedkit import run_fedtune as fedtune
 from fedtune.config import load_federation
 from fedtune.registry import Registry, coordinator_signer
 from fedtune.wire.codec import canonical_json, pretty_json
@@ -30,24 +29,6 @@ from fedtune.wire.keys import SigningKey
 
 SITES = list(TOPICS)  # clinic, bank, dev
 TRAIN = ["--steps", "3", "--batch-size", "4", "--lr", "0.01"]
-
-
-def fedtune(*args) -> tuple[int, str, str]:
-    """`fedtune ARGS` run in this process: (exit code, stdout, stderr)."""
-    from fedtune import cli
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = ["fedtune", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            cli.main()
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    finally:
-        sys.argv = old
-    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def signing_line(pub: Path) -> str:
