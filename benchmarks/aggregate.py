@@ -419,23 +419,24 @@ def sample(arrays: dict) -> dict[str, list[float]]:
 def child_engine(task: dict) -> dict:
     import tempfile
 
-    import torch
+    import numpy as np
 
-    from fedtune.adapter import ADAPTER_FILE, tensor_layout
-    from fedtune.aggregate import make_method
-    from fedtune.aggregate.engine import clip_factors, merge_updates, outlier_factors, site_weights
+    from fedtune.aggregate import make_method, round_thread_count
+    from fedtune.aggregate.engine import clip_factors, merge_tensors, outlier_factors, site_weights
+    from fedtune.aggregate.updates import file_layout
+    from fedtune.wire.tensors import ADAPTER_FILE
     from fedtune.aggregate.validate import RoundChecks, collect_round
     from fedtune.config import AggregationSettings, load_federation
     from fedtune.registry import Registry
     from fedtune.wire.version import read_version_manifest
 
-    if task.get("threads"):
-        torch.set_num_threads(task["threads"])
+    if task.get("threads"):  # the merge's threads, as `fedtune aggregate` takes them (numpy's and torch's)
+        os.environ["FEDTUNE_THREADS"] = str(task["threads"])
     layout = Layout(Path(task["work"]), task["preset"])
     config = load_federation(layout.config)
     parent_dir = Registry(layout.registry).latest()
     parent = read_version_manifest(parent_dir, config.coordinator_key)
-    shapes = tensor_layout(parent_dir / ADAPTER_FILE)
+    shapes = file_layout(parent_dir / ADAPTER_FILE)
     round_dir = layout.round_dir(task["sites"])
     params = task["params"]
     settings = AggregationSettings(**params)
@@ -463,8 +464,12 @@ def child_engine(task: dict) -> dict:
                                                                                             settings.norm_bound)
         anon = AnonPeak()
 
-        def run():
-            return merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale)
+        def run():  # the merge `fedtune aggregate` runs (numpy for the linear rules, torch for the others)
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=round_thread_count(), user_api="blas"):
+                return merge_tensors(rule, valid, parent_dir, parent, config, settings, shapes, weights, scale, {},
+                                     None, False)
 
         others = Others()
         times = timed(run, task["repeat"], task["budget"])
@@ -477,13 +482,13 @@ def child_engine(task: dict) -> dict:
     plain = site_weights(counts, weighted, None)
     out["weights_capped"] = bool(abs(weights - plain).max() > 1e-12) or bool((scale < 1).any())
     if merged is not None:
-        from safetensors import safe_open
+        from safetensors.numpy import load_file
 
-        with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as base:
-            keys = list(base.keys())[:: max(1, len(shapes) // 8)]
-            out["sample"] = sample({k: (merged[0][k] - base.get_tensor(k)).numpy() for k in keys})
-        out["errors"] = None if merged[2] is None else max(merged[2].values())
-    out["threads"] = torch.get_num_threads()
+        base = load_file(str(parent_dir / ADAPTER_FILE))
+        keys = list(base)[:: max(1, len(shapes) // 8)]
+        out["sample"] = sample({k: np.asarray(merged[0][k]) - base[k] for k in keys})
+        out["errors"] = None if not merged[2] or "skipped" in merged[2] else max(merged[2].values())
+    out["threads"] = round_thread_count()
     return out
 
 
@@ -545,8 +550,8 @@ def child_peft(task: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from safetensors import safe_open
 
-    if task.get("threads"):
-        torch.set_num_threads(task["threads"])
+    if task.get("threads"):  # the merge's threads, as `fedtune aggregate` takes them (numpy's and torch's)
+        os.environ["FEDTUNE_THREADS"] = str(task["threads"])
     layout = Layout(Path(task["work"]), task["preset"])
     spec = spec_of(task["preset"])
     combination = task["params"]["combination"]

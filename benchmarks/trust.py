@@ -44,7 +44,7 @@ DEFAULT_SAVE = ROOT / "benchmarks" / "results" / "trust_cpu.json"
 # (key, label) in the order a round runs them; "pool" rows split the content checks' wall time.
 PHASES = [
     ("start", "interpreter start (before the first line of the script)"),
-    ("imports", "imports (fedtune.cli, the engine, torch)"),
+    ("imports", "imports (fedtune.cli, the engine)"),
     ("cli", "CLI parsing + load federation.yaml"),
     ("coordinator_key", "load coordinator.key (coordinator_signer)"),
     ("recover", "lock + recovery (Registry.recover)"),
@@ -56,7 +56,7 @@ PHASES = [
     ("read_private_copy", "read once from private copies, hashing (read_private_copy)"),
     ("delta_norm", "content checks: finite + norm (delta_norm)"),
     ("header", "content checks: keys/shapes vs parent (rest of check_tensors)"),
-    ("merge", "merge (merge_updates)"),
+    ("merge", "merge (merge_tensors)"),
     ("check_merged", "check the merged version (check_merged)"),
     ("write", "write + commit (save, sha256, sign, fsync, publish, log, LATEST)"),
     ("cleanup", "remove the private copies"),
@@ -106,6 +106,7 @@ class Clock:
 def instrumented(out_path: Path, cli_args: list[str]) -> None:
     """Run `fedtune <cli_args>` in this process with the engine's steps timed; write the phases to `out_path`."""
     import fedtune.aggregate.engine as engine
+    import fedtune.aggregate.publish as publish
     import fedtune.aggregate.validate as validate
     import fedtune.cli as cli
     import fedtune.wire.update as wire_update
@@ -114,8 +115,10 @@ def instrumented(out_path: Path, cli_args: list[str]) -> None:
     imported = time.perf_counter()
     clock = Clock()
     for name in ("aggregate_round", "_aggregate", "coordinator_signer", "read_version_manifest", "collect_round",
-                 "merge_updates", "check_merged", "save_file", "sha256_file", "write_version_manifest", "_sync_folder"):
+                 "merge_tensors", "check_merged"):
         clock.wrap(engine, name)
+    for name in ("save_tensors", "sha256_file", "write_version_manifest", "_sync_folder"):
+        clock.wrap(publish, name)
     for name in ("read_envelope", "check_signature", "check_lineage", "check_tensors", "read_private_copy", "delta_norm"):
         clock.wrap(validate, name)
     clock.wrap(wire_update, "verify", "ed25519_verify")  # what Envelope.signed_by calls
@@ -154,7 +157,7 @@ def phases_of(clock: Clock, imported: float, finished: float) -> dict:
         "read_private_copy": part(t("read_private_copy")),
         "delta_norm": part(t("delta_norm")),
         "header": part(busy - t("read_private_copy") - t("delta_norm")),
-        "merge": t("merge_updates"),
+        "merge": t("merge_tensors"),
         "check_merged": t("check_merged"),
         "write": write_end - clock.last("check_merged"),
         "cleanup": clock.last("aggregate_round") - write_end,
@@ -169,7 +172,7 @@ def phases_of(clock: Clock, imported: float, finished: float) -> dict:
         "signatures": {"check_signature_calls": clock.count("check_signature"),
                        "ed25519_verify_calls": clock.count("ed25519_verify"),
                        "ed25519_verify_seconds": t("ed25519_verify")},
-        "write_parts": {name: t(name) for name in ("save_file", "sha256_file", "write_version_manifest", "_sync_folder",
+        "write_parts": {name: t(name) for name in ("save_tensors", "sha256_file", "write_version_manifest", "_sync_folder",
                                                    "publish", "commit")},
     }
 

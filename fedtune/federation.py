@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtune import models
-from fedtune.adapter import seeded_adapter, write_adapter
 from fedtune.artifacts import stamp, write_text_atomic
 from fedtune.config import DEFAULT_MODEL, FederationConfig, federation_to_yaml, parse_model, read_yaml
 from fedtune.errors import BadInput
@@ -54,6 +53,8 @@ def init_federation(
         model_id: the id to record for a model given as a folder (its hub id); inferred when None.
         log: receives progress lines.
     """
+    from fedtune.adapter import seeded_adapter, write_adapter  # torch: the coordinator's merge never needs it
+
     config_path = folder / "federation.yaml"
     key_path, public_path = folder / COORDINATOR_KEY, (folder / COORDINATOR_KEY).with_suffix(".pub")
     for existing in (config_path, folder / "registry", key_path, public_path):

@@ -34,7 +34,7 @@ import torch  # noqa: F401  (imported once here, before any fork, so no child pa
 
 from fedtune import cli
 import fedtune.registry as registry_module
-from fedtune.aggregate import engine, make_method
+from fedtune.aggregate import make_method, publish
 from fedtune.config import load_federation
 from fedtune.errors import FedtuneError
 from fedtune.registry import Registry
@@ -343,7 +343,7 @@ def faults(world: Path, out: Path) -> dict:
     ref = reference(world, out, runs=1)
     cases = {}
     steps = {
-        "version": lambda fed: at_step(engine, "save_file", lambda: 1024),
+        "version": lambda fed: at_step(publish, "save_tensors", lambda: 1024),
         # Room for part of the new line: the kernel writes that part and fails the rest (a torn line).
         "log": lambda fed: at_step(Registry, "append", lambda: (fed.registry / "log.jsonl").stat().st_size + 40),
         "latest": lambda fed: at_step(registry_module, "write_text_atomic", lambda: 3),

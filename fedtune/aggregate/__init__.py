@@ -1,7 +1,8 @@
 """Aggregation: a registry of methods (one file per family) and the streaming round stage.
 
 This module stays free of torch, so that `fedtune aggregate --help` lists the methods in a blink; the method
-classes and the engine are imported when a round runs, with torch's threads set for it (`round_threads`).
+classes and the engine are imported when a round runs, with the threads set for it (`round_threads`). A round of
+a linear rule (fedavg, ffa, krum, ...) is merged with numpy alone; the others import torch through `round_torch`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from fedtune.errors import BadInput
@@ -76,20 +78,44 @@ def round_threads() -> tuple[int, str]:
     return max(1, min(cores, int(cores - load))), f"{cores} cores, load {load:.2f}"
 
 
+# The thread count of the round being merged, and torch's own before the round set it (None: not set yet).
+_ROUND: dict = {"threads": None, "torch_before": None}
+
+
 def aggregate_round(*args, **kwargs):
-    """`fedtune.aggregate.engine.aggregate_round` (see it for the arguments) with torch's thread count set by
-    `round_threads()` for the round, and restored after it."""
-    import torch
+    """`fedtune.aggregate.engine.aggregate_round` (see it for the arguments) on `round_threads()` threads: numpy's
+    BLAS and, when the round uses it, torch; both restored after it."""
+    from threadpoolctl import threadpool_limits
 
     from fedtune.aggregate.engine import aggregate_round as merge_round
 
     threads, _ = round_threads()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    _ROUND.update(threads=threads, torch_before=None)
+    if "torch" in sys.modules:  # a caller that uses torch too (simulate): its count is restored after the round
+        round_torch()
     try:
-        return merge_round(*args, **kwargs)
+        with threadpool_limits(limits=threads, user_api="blas"):
+            return merge_round(*args, **kwargs)
     finally:
-        torch.set_num_threads(before)
+        if _ROUND["torch_before"] is not None:
+            sys.modules["torch"].set_num_threads(_ROUND["torch_before"])
+        _ROUND.update(threads=None, torch_before=None)
+
+
+def round_thread_count() -> int:
+    """The thread count of the round being merged (`round_threads()` when called outside one)."""
+    return _ROUND["threads"] or round_threads()[0]
+
+
+def round_torch():
+    """torch, with its thread count set to the round's: the merges that need torch call this rather than importing
+    it, so a round that never needs it (fedavg) never loads it."""
+    import torch
+
+    if _ROUND["threads"] is not None and _ROUND["torch_before"] is None:
+        _ROUND["torch_before"] = torch.get_num_threads()
+        torch.set_num_threads(_ROUND["threads"])
+    return torch
 
 
 _LAZY = {"Method": "fedtune.aggregate.base",

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the coordinate-wise and LoRA rules work on torch tensors; the linear ones never import it
+    import torch
 
 
 @dataclass(frozen=True)

@@ -6,50 +6,32 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from fedtune.adapter import tensor_layout
-from fedtune.aggregate import make_method
+from fedtune.aggregate import make_method, round_thread_count
 from fedtune.aggregate.base import Method
-# site_weights is used from here by callers that weigh a round the way aggregate does
-from fedtune.aggregate.merge import (  # noqa: F401
-    _server_state, _summarize, check_merged, clip_factors, merge_updates, outlier_factors, site_weights,
+# site_weights and check_merged are used from here by callers that weigh a round the way aggregate does
+from fedtune.aggregate.bounds import check_merged, clip_factors, outlier_factors, site_weights  # noqa: F401
+from fedtune.aggregate.linear import (
+    applies as linear_merge_applies, averaging_error, averaging_error_plan, merge_linear,
 )
-from fedtune.aggregate.server import STATE_FILE, ServerOptimizer
+from fedtune.aggregate.publish import RoundResult, publish_version
+from fedtune.aggregate.server import ServerOptimizer
+from fedtune.aggregate.updates import file_layout
 from fedtune.aggregate.validate import RoundChecks, collect_round
-from fedtune.artifacts import read_json, sha256_file
 from fedtune.config import AggregationSettings, FederationConfig, parse_model
-from fedtune.errors import BadInput, StageFailed
-from fedtune.federation import global_manifest
+from fedtune.errors import BadInput
 from fedtune.registry import ROUND_DIR_RE, Registry, coordinator_signer, version_name
-from fedtune.wire.codec import WireError, pretty_json
+from fedtune.wire.codec import WireError
 from fedtune.privacy.dp_fedavg import GaussianNoise, next_round
 from fedtune.privacy.sampling import expected_sites
-from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, rank_slice
-from fedtune.wire.version import read_version_manifest, write_version_manifest
+from fedtune.wire.tensors import ADAPTER_FILE
+from fedtune.wire.version import read_version_manifest
 
 ROUND_RE = ROUND_DIR_RE
-
-
-@dataclass
-class RoundResult:
-    version: str
-    folder: Path
-    contributors: list[dict]
-    rejected: list[dict] = field(default_factory=list)
-    reconstruction_error: dict | None = None
-    equivocations: list[dict] = field(default_factory=list)
-    secure_aggregation: dict | None = None
-    alerts: list[dict] = field(default_factory=list)
-    held: bool = False  # published under --hold-on-alert with alerts: LATEST not moved until `fedtune promote`
-
 
 
 def aggregate_round(
@@ -142,7 +124,7 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
         raise BadInput(f"--server-opt/--server-lr: {rule.name} re-factors the adapter every round, so its factors "
                        "share no basis across rounds for a server optimizer; use fedavg, ffa or a robust rule with it")
     privacy = next_round(config, parent, str(round_dir))  # a spent budget stops the round before any reading
-    layout = tensor_layout(parent_dir / ADAPTER_FILE)
+    layout = _layout(parent_dir)
     nonces, hashes = registry.accepted()
     checks = RoundChecks(config, parent, layout, max_bytes=2 * (parent_dir / ADAPTER_FILE).stat().st_size + (1 << 20),
                          trains=rule.trains, work=work, accepted_nonces=nonces, accepted_hashes=hashes)
@@ -218,8 +200,8 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     record: dict = {}
     # Contribution records describe one site's update: not released beside a site-level DP guarantee.
     describe_sites = config.monitor.contributions and config.privacy.mode in ("none", "local") and len(valid) > 1
-    merged, state, errors, out_rank = merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale,
-                                                    record=record, noise=noise, gram=describe_sites)
+    merged, state, errors, out_rank = merge_tensors(rule, valid, parent_dir, parent, config, settings, layout, weights,
+                                                    scale, record, noise, describe_sites)
     check_merged(merged, parent_dir, config)
     contributions, monitor = _monitor(config, registry, parent, rule, valid, weights, record.get("gram"), round_dir)
     # The rules that pick or re-weight whole updates (krum, geomedian, centered-clip) say what they chose.
@@ -243,7 +225,41 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
                   reconstruction_error=error_summary,
                   **({"participation": participation} if participation is not None else {}),
                   **({"monitor": monitor} if monitor is not None else {}))
-    return _publish(config, registry, parent_dir, parent, merged, state, out_rank, fields, hold_on_alert)
+    return publish_version(config, registry, parent_dir, parent, merged, state, out_rank, fields, hold_on_alert)
+
+
+def merge_tensors(rule: Method, valid: list, parent_dir: Path, parent: dict, config, settings, layout, weights,
+                  scale, record: dict, noise, gram: bool):
+    """(merged tensors, server state, reconstruction errors, rank): the linear rules' numpy merge when it applies,
+    else the torch merge (which the coordinator then imports)."""
+    if not linear_merge_applies(rule, ServerOptimizer.from_settings(settings).plain, noise, layout):
+        from fedtune.aggregate.merge import merge_updates
+
+        return merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale, record=record,
+                             noise=noise, gram=gram)
+    rank = config.lora.r
+    merged = merge_linear(rule, valid, parent_dir, layout, weights, scale, rank, record, gram, round_thread_count())
+    errors = averaging_error_plan(settings, layout, valid, rank) if rule.sum_only else None
+    if rule.sum_only and errors is None:
+        errors = averaging_error(valid, parent_dir, layout, weights, scale, merged, config.lora)
+    return merged, {}, errors, rank
+
+
+def _layout(parent_dir: Path):
+    try:
+        return file_layout(parent_dir / ADAPTER_FILE)
+    except (OSError, WireError) as err:
+        raise BadInput(f"{parent_dir / ADAPTER_FILE}: not a readable safetensors file ({err}); restore the version "
+                       "from a backup") from None
+
+
+def _summarize(errors: dict | None) -> dict | None:
+    if errors is None or not errors:
+        return None
+    if "skipped" in errors:
+        return errors
+    values = list(errors.values())
+    return {"max": max(values), "mean": sum(values) / len(values), "per_layer": errors}
 
 
 def _monitor(config, registry: Registry, parent: dict, rule: Method, valid: list, weights, gram, round_dir: Path):
@@ -267,8 +283,14 @@ def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict
                       privacy: dict, rule: Method, optimizer: ServerOptimizer, warn, strict: bool,
                       participation: dict | None = None, hold_on_alert: bool = False) -> RoundResult:
     """A masked round: unmask the survivors' sum (or write the unmask request, or wait for answers), then step."""
-    from fedtune.aggregate.secure import secure_sum
+    from safetensors import safe_open
 
+    from fedtune.aggregate import round_torch
+    from fedtune.aggregate.merge import _server_state
+    from fedtune.aggregate.secure import secure_sum
+    from fedtune.wire.tensors import rank_slice
+
+    torch = round_torch()
     outcome = secure_sum(config, registry.key, round_dir, parent, checks, settings.quorum, warn, strict)
     if config.privacy.mode == "local":
         from fedtune.privacy.local import version_record
@@ -278,7 +300,7 @@ def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict
     state = _server_state(parent_dir, parent, optimizer)
     merged = {}
     with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as base:
-        for key in tensor_layout(parent_dir / ADAPTER_FILE):
+        for key in _layout(parent_dir):
             parent_tensor = rank_slice(base.get_tensor(key), key, rank)
             delta = outcome.mean.get(key)
             if delta is None:  # ffa's frozen A
@@ -295,60 +317,4 @@ def _aggregate_secure(config, registry: Registry, parent_dir: Path, parent: dict
                   reconstruction_error={"skipped": "not measured under secure aggregation"},
                   secure_aggregation=outcome.record,
                   **({"participation": participation} if participation is not None else {}))
-    return _publish(config, registry, parent_dir, parent, merged, state, rank, fields, hold_on_alert)
-
-
-def _publish(config, registry: Registry, parent_dir: Path, parent: dict, merged: dict, state: dict, out_rank: int,
-             fields: dict, hold_on_alert: bool = False) -> RoundResult:
-    """Write the new version's files and signed manifest, publish it and commit it to the log (or, held on an
-    alert, leave it published and uncommitted: LATEST stays until `fedtune promote`)."""
-    number = parent["round"] + 1
-    alerts = (fields.get("monitor") or {}).get("alerts", [])
-    held = hold_on_alert and bool(alerts)
-    if held:
-        fields = {**fields, "monitor": {**fields["monitor"], "held": True}}
-    built = registry.root / f".{version_name(number)}.{os.getpid()}.tmp"
-    built.mkdir()
-    try:
-        save_file({k: v.contiguous() for k, v in merged.items()}, str(built / ADAPTER_FILE), metadata={"format": "pt"})
-        sha = sha256_file(built / ADAPTER_FILE)
-        adapter_config = read_json(parent_dir / CONFIG_FILE)
-        adapter_config.update(r=out_rank, lora_alpha=config.lora.alpha * out_rank / config.lora.r)
-        (built / CONFIG_FILE).write_bytes(pretty_json(adapter_config))
-        extra = {}
-        if state:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(built / STATE_FILE))
-            extra["server_state_sha256"] = sha256_file(built / STATE_FILE)
-        manifest = global_manifest(config, number, sha, parent=parent["version"],
-                                   parent_sha256=parent["adapter_sha256"], **fields, **extra)
-        write_version_manifest(built, manifest, registry.key)
-        _sync_folder(built)
-    except (OSError, SafetensorError) as err:  # safetensors reports a failed write (disk full) as its own error
-        shutil.rmtree(built, ignore_errors=True)
-        raise BadInput(f"{registry.root}: could not write {version_name(number)} "
-                       f"({getattr(err, 'strerror', None) or err}); the registry is unchanged") from None
-    except WireError as err:  # the version's own manifest breaks its schema: a value no site should see
-        shutil.rmtree(built, ignore_errors=True)
-        raise StageFailed(f"aggregate: the new version's manifest is not valid ({err}); nothing written") from None
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
-    folder = registry.publish(built, version_name(number))
-    result = RoundResult(version=folder.name, folder=folder, contributors=fields["contributors"],
-                         rejected=fields["rejected"], reconstruction_error=fields["reconstruction_error"],
-                         equivocations=fields["equivocations"], secure_aggregation=fields.get("secure_aggregation"),
-                         alerts=alerts, held=held)
-    if held:
-        return result
-    try:
-        registry.commit(folder)
-    except OSError as err:
-        raise BadInput(f"{registry.log_path}: could not be written ({err.strerror}); {folder.name} is published but "
-                       "not committed — the next fedtune command on this registry finishes or drops it") from None
-    return result
-
-
-def _sync_folder(folder: Path) -> None:
-    for child in folder.iterdir():
-        with open(child, "rb") as handle:
-            os.fsync(handle.fileno())
+    return publish_version(config, registry, parent_dir, parent, merged, state, rank, fields, hold_on_alert)

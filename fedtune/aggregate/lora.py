@@ -58,21 +58,6 @@ def _pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     return b_full, a_full
 
 
-def product_error(b_target: list[torch.Tensor], a_target: list[torch.Tensor], b: torch.Tensor, a: torch.Tensor) -> float:
-    """‖Σ_k B_k A_k − B A‖ / ‖Σ_k B_k A_k‖ from factors only (trace identities on small Gram matrices)."""
-
-    def sq_norm(bs: list[torch.Tensor], as_: list[torch.Tensor]) -> float:
-        b_cat = torch.cat([x.double() for x in bs], dim=1)
-        a_cat = torch.cat([x.double() for x in as_], dim=0)
-        return float(((b_cat.T @ b_cat) * (a_cat @ a_cat.T)).sum())
-
-    target = sq_norm(b_target, a_target)
-    if target <= 0:
-        return 0.0
-    diff = sq_norm([*b_target, b], [*a_target, -a])
-    return max(diff, 0.0) ** 0.5 / target**0.5
-
-
 @dataclass(frozen=True)
 class Svd(LoraMethod):
     """FlexLoRA-style: the exact weighted mean of the products, truncated to the federation's rank."""

@@ -5,7 +5,6 @@ one tensor, coordinate-wise rules one tensor × sites, LoRA-aware rules one laye
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,74 +13,15 @@ from safetensors import safe_open
 
 from fedtune.adapter import tensor_layout
 from fedtune.aggregate.base import CoordinateMethod, LinearMethod, LoraMethod, Method
-from fedtune.aggregate.lora import product_error
+from fedtune.aggregate.linear import averaging_error, averaging_error_plan
 from fedtune.aggregate.server import STATE_FILE, ServerOptimizer
-from fedtune.aggregate.updates import RoundReader
+from fedtune.aggregate.reader import RoundReader
 from fedtune.aggregate.validate import Update
 from fedtune.artifacts import sha256_file
 from fedtune.config import AggregationSettings, FederationConfig
 from fedtune.errors import BadInput
 from fedtune.privacy.dp_fedavg import GaussianNoise
 from fedtune.wire.tensors import ADAPTER_FILE, factor_of, lora_layers, rank_slice
-
-
-def site_weights(counts: list[int], weighted: bool, cap: float | None) -> np.ndarray:
-    """Normalized weights: the counts (or equal), then no site above `cap` — the excess goes to the others in
-    proportion, so a self-reported count cannot take the round. A cap below 1/K is raised to 1/K."""
-    counts = np.asarray(counts, dtype=np.float64)
-    weights = counts if weighted and counts.sum() > 0 else np.ones(len(counts))
-    weights = weights / weights.sum()
-    if cap is None:
-        return weights
-    cap = max(cap, 1.0 / len(weights))
-    capped = np.zeros(len(weights), dtype=bool)
-    while True:
-        over = (weights > cap + 1e-15) & ~capped
-        if not over.any():
-            return weights
-        capped |= over
-        free = 1 - cap * capped.sum()
-        rest = weights[~capped]
-        weights = np.where(capped, cap, weights * (free / rest.sum() if rest.sum() > 0 else 0))
-
-
-def clip_factors(norms: list[float], clip_norm: float | None) -> np.ndarray:
-    """Per-site scale min(1, C/‖δ‖) that clips each whole delta to norm C (1 when clipping is off)."""
-    norms = np.asarray(norms, dtype=np.float64)
-    if clip_norm is None:
-        return np.ones(len(norms))
-    return np.minimum(1.0, clip_norm / np.maximum(norms, 1e-30))
-
-
-def outlier_factors(norms: list[float], bound: float | None) -> np.ndarray:
-    """Per-site scale that clips an update to `bound` × the median norm of the round's other updates."""
-    norms = np.asarray(norms, dtype=np.float64)
-    scale = np.ones(len(norms))
-    if bound is None or len(norms) < 2:
-        return scale
-    for site, norm in enumerate(norms):
-        limit = bound * float(np.median(np.delete(norms, site)))
-        if norm > limit > 0:
-            scale[site] = limit / norm
-    return scale
-
-
-def check_merged(merged: dict[str, torch.Tensor], parent_dir: Path, config: FederationConfig) -> None:
-    """The new version must be finite and within reach of its parent before it is published."""
-    square = 0.0
-    for key, tensor in merged.items():
-        part = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
-        if not math.isfinite(part) or not bool(torch.isfinite(tensor).all()):
-            raise BadInput(f"aggregate: the merged tensor {key} is not finite; nothing written (use a robust method, "
-                           "or lower aggregation.norm_bound)")
-        square += part * part
-    with safe_open(str(parent_dir / ADAPTER_FILE), framework="pt") as handle:
-        parent_norm = math.sqrt(sum(float(torch.linalg.vector_norm(handle.get_tensor(k), dtype=torch.float64)) ** 2
-                                    for k in handle.keys()))
-    limit = parent_norm + 10 * config.security.max_update_norm
-    if math.sqrt(square) > limit:
-        raise BadInput(f"aggregate: the merged version's norm {math.sqrt(square):.4g} is beyond {limit:.4g} (its "
-                       "parent's plus 10 × security.max_update_norm); nothing written")
 
 
 def merge_updates(
@@ -105,6 +45,9 @@ def merge_updates(
     [K, K] Gram matrix of the clipped deltas (for contribution records), whatever the rule. Coordinate-wise and
     re-factoring rules build it in their own pass over the keys; a rule that needs it anyway shares it; fedavg
     and ffa, which read site by site, take one more pass for it."""
+    from fedtune.aggregate import round_torch
+
+    round_torch()  # the round's thread count for torch's operations
     record = record if record is not None else {}
     optimizer = ServerOptimizer.from_settings(settings)
     layout = tensor_layout(parent_dir / ADAPTER_FILE)
@@ -123,11 +66,9 @@ def merge_updates(
         if noise is not None:
             errors = {"skipped": "not measured under differential privacy"}
         elif rule.sum_only and optimizer.plain:
-            cost = _averaging_error_cost(layout, valid, rank)
-            if settings.report_error or (settings.report_error is None and cost <= ERROR_BUDGET_FLOPS):
-                errors = _averaging_error(reader, base, layout, valid, weights, merged, config)
-            else:
-                errors = {"skipped": f"would cost {cost / 1e9:.0f} GFLOP; set aggregation.report_error: true to record it"}
+            errors = averaging_error_plan(settings, layout, valid, rank)
+            if errors is None:
+                errors = averaging_error(valid, parent_dir, layout, weights, scale, merged, config.lora)
         return merged, state, errors, rank
 
 
@@ -216,41 +157,6 @@ def _merge_products(rule: LoraMethod, reader, base, layout, valid, weights, conf
     if gram is not None:
         record["gram"] = gram.numpy()
     return merged, errors
-
-
-def _averaging_error(reader, base, layout, valid, weights, merged, config) -> dict[str, float]:
-    """‖ΔW* − B′A′‖/‖ΔW*‖ per layer for factor averaging, ΔW* being the exact weighted mean of the
-    sites' products."""
-    scaling = config.lora.alpha / config.lora.r
-    errors = {}
-    for layer in lora_layers(layout):
-        bs, as_ = _local_factors(reader, base, layer, valid, scaling)
-        weighted = [float(w) * a for w, a in zip(weights, as_)]
-        errors[layer.name] = product_error(bs, weighted, merged[layer.b_key].double(), scaling * merged[layer.a_key].double())
-    return errors
-
-
-# Past this, measuring fedavg's error would take longer than the merge itself (seconds on a laptop).
-ERROR_BUDGET_FLOPS = 10e9
-
-
-def _averaging_error_cost(layout, valid: list[Update], rank: int) -> float:
-    """Flops of `_averaging_error`: two Gram matrices of the stacked factors per layer."""
-    width = sum(u.rank for u in valid) + rank
-    total = 0.0
-    for layer in lora_layers(layout):
-        d, n = layout[layer.b_key][0][0], layout[layer.a_key][0][1]
-        total += 2.0 * width * width * (d + n)
-    return total
-
-
-def _summarize(errors: dict | None) -> dict | None:
-    if errors is None or not errors:
-        return None
-    if "skipped" in errors:
-        return errors
-    values = list(errors.values())
-    return {"max": max(values), "mean": sum(values) / len(values), "per_layer": errors}
 
 
 def _server_state(parent_dir: Path, parent: dict, optimizer: ServerOptimizer) -> dict[str, torch.Tensor]:

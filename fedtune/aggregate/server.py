@@ -14,10 +14,12 @@ in `server_state.safetensors`, so the next round continues them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedtune.config import AggregationSettings
+
+if TYPE_CHECKING:  # the step runs on torch tensors; a plain round (fedavg, no optimizer) never imports it
+    import torch
 
 STATE_FILE = "server_state.safetensors"
 
@@ -52,6 +54,8 @@ class ServerOptimizer:
         """The change to apply to the global tensor `key`; updates `state` (m/<key>, v/<key>) in place."""
         if self.name == "none":
             return delta.mul_(self.lr) if self.lr != 1.0 else delta
+        import torch
+
         m = state.get(f"m/{key}")
         m = torch.zeros_like(delta) if m is None else m.to(torch.float32)
         if self.name == "fedavgm":

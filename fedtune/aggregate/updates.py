@@ -2,34 +2,32 @@
 
 `read_private_copy` is the only read of a site's file: a copy inside the kernel, then one pass over the copy,
 tensor by tensor, that hashes the bytes and takes each tensor's norm while they are in the cache. The merge
-then opens the private copies with `safetensors.safe_open` (memory-mapped) and reads them key by key,
-so the engine holds one key of each site at most. A site that trained a smaller rank sent smaller factors;
-here they are zero-padded to the federation's rank (HetLoRA), and a site that trained B only (FFA)
-contributes a zero delta to A.
+then reads the private copies key by key (`PrivateTensors` here, without torch, for the linear rules;
+`fedtune.aggregate.reader.RoundReader` for the others), so it holds one key of each site at most.
+
+Nothing here imports torch: a FedAvg round is read, checked and merged with numpy alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors import safe_open
 
 from fedtune.wire.codec import WireError, open_regular, parse_json
-from fedtune.wire.tensors import MAX_HEADER_BYTES, Layout, pad_rank, read_header
+from fedtune.wire.tensors import DTYPE_BYTES, MAX_HEADER_BYTES, Layout, read_header
 from fedtune.wire.update import copy_between
 
-# torch views the read-only mapping of a private copy to take norms; it warns that such a tensor could be
-# written through, and nothing here writes.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
-# The float dtypes a plaintext update holds (the parent's); a norm is taken of these only.
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# The float dtypes a plaintext update holds (the parent's); a norm is taken of these only. bfloat16 has no numpy
+# type: its 16 bits are the high half of a float32's.
+FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# Elements converted to float64 at once when a norm is taken: small enough to stay in the cache.
+NORM_CHUNK = 1 << 16
 
 
 @dataclass
@@ -87,124 +85,105 @@ def _measure(mapped: mmap.mmap, size: int, name: str, expected: Layout | None):
             data = whole[start + begin : start + end]
             digest.update(data)
             shape, dtype = layout[key]
-            if measure and dtype in TORCH_DTYPES:
-                norms[key] = _norm(data, start + begin, shape, dtype)
+            if measure and dtype in FLOAT_DTYPES:
+                norms[key] = _norm(data, start + begin, dtype)
             data.release()
     return digest.hexdigest(), layout, norms
 
 
-def _norm(data: memoryview, offset: int, shape: tuple[int, ...], dtype: str) -> float:
-    """The tensor's L2 norm in float64: the same op on the same values as on the tensor the merge will load.
-    `offset`: where the bytes sit in the (page-aligned) mapping."""
+def _norm(data: memoryview, offset: int, dtype: str) -> float:
+    """The tensor's L2 norm, summed in float64 a cache-sized chunk at a time (a float32 sum of squares would lose
+    digits and overflow past 1.8e19). `offset`: where the bytes sit in the (page-aligned) mapping."""
     if not len(data):
         return 0.0
-    torch_dtype = TORCH_DTYPES[dtype]
-    if offset % torch_dtype.itemsize:
+    if offset % DTYPE_BYTES[dtype]:
         data = memoryview(bytearray(data))  # an unaligned tensor (safetensors writes none): an aligned copy
-    tensor = torch.frombuffer(data, dtype=torch_dtype).view(shape)
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    values = np.frombuffer(data, dtype=FLOAT_DTYPES[dtype])
+    total = 0.0
+    for begin in range(0, values.size, NORM_CHUNK):
+        chunk = as_float64(values[begin: begin + NORM_CHUNK], dtype)
+        total += float(np.dot(chunk, chunk))
+    return math.sqrt(total)
 
 
-class RoundReader:
-    """The valid updates of a round, read through memory-mapped safe_open handles.
+def as_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Float32 values of a tensor's raw elements (bfloat16 given as its uint16 words): a view when they are
+    float32 already."""
+    if dtype == "BF16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values if values.dtype == np.float32 else values.astype(np.float32)
 
-    A mapped page a tensor was read from stays in the process's resident set until the file is
-    unmapped, so reading key by key across every site would let the resident set grow to the whole
-    round. The reader therefore drops its handles (unmapping the files) whenever `budget` bytes have
-    been read since the last time: resident memory stays bounded whatever the number of sites.
 
-    Args:
-        paths: one update file per site, in the round's order.
-        keys_sent: the keys each site sent (B only for FFA sites).
-        scale: per-site factor applied to every delta (norm clipping; 1 when off).
-        rank: the federation's rank, to which smaller factors are padded.
-        budget: bytes read between two releases of the mappings.
-    """
+def as_float64(values: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return as_float32(values, dtype).astype(np.float64)
+    return values.astype(np.float64)
 
-    def __init__(self, paths: list[Path], keys_sent: list[set[str]], scale: np.ndarray, rank: int,
-                 budget: int = 256 << 20):
-        self.paths = paths
-        self.keys_sent = keys_sent
-        self.scale = scale
-        self.rank = rank
-        self.budget = budget
-        self._handles: list = [None] * len(paths)
-        self._read = 0
 
-    def __len__(self) -> int:
-        return len(self.paths)
+def tensor_spans(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """Key → (shape, dtype, where its bytes start) of a safetensors file whose header was checked (a private copy,
+    a registry version)."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        size = os.fstat(handle.fileno()).st_size
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        prefix += handle.read(min(length, MAX_HEADER_BYTES))
+    layout = read_header(prefix, size, path.name)
+    header = parse_json(prefix[8:], f"{path.name} header")
+    return {key: (*layout[key], 8 + length + header[key]["data_offsets"][0]) for key in layout}
 
-    def release(self) -> None:
-        """Unmap every file (tensors already read keep their own reference to their pages)."""
-        self._handles = [None] * len(self.paths)
-        self._read = 0
 
-    def _get(self, site: int, key: str) -> torch.Tensor:
-        if self._read >= self.budget:
-            self.release()
-        handle = self._handles[site]
-        if handle is None:
-            handle = self._handles[site] = safe_open(str(self.paths[site]), framework="pt")
-        tensor = handle.get_tensor(key)
-        self._read += tensor.nbytes
-        return tensor
+class PrivateTensors:
+    """One safetensors file read a block of rows at a time, as float32 numpy arrays (without torch): `pread` into a
+    buffer this process owns, so nothing stays mapped and memory holds one block."""
 
-    def delta(self, site: int, key: str, padded: bool = True, scaled: bool = True) -> torch.Tensor | None:
-        """Site `site`'s delta for `key` as float32, or None where it is zero.
+    def __init__(self, path: Path):
+        self.path = path
+        self.spans = tensor_spans(path)
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
-        padded: zero-pad a smaller rank to the federation's; scaled: apply the clipping factor.
-        """
-        if key not in self.keys_sent[site]:
-            return None
-        tensor = self._get(site, key)
-        if tensor.dtype != torch.float32:
-            tensor = tensor.to(torch.float32)
-        if scaled and self.scale[site] != 1.0:
-            tensor = tensor * float(self.scale[site])  # not in place: the tensor may share the file's mapping
-        return pad_rank(tensor, key, self.rank) if padded else tensor
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
-    def weighted_sum(self, coefficients: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """Σ_k c_k δ_k for every key, reading one site's file at a time from start to end.
+    def __enter__(self) -> PrivateTensors:
+        return self
 
-        Site by site rather than key by key: only one file is mapped at once, and it is read in
-        order. Memory holds the sums (one adapter) plus one mapped update.
-        """
-        sums: dict[str, torch.Tensor] = {}
-        for site, coefficient in enumerate(coefficients):
-            if coefficient == 0:
-                continue
-            with safe_open(str(self.paths[site]), framework="pt") as handle:
-                for key in shapes:
-                    if key not in self.keys_sent[site]:
-                        continue
-                    tensor = pad_rank(handle.get_tensor(key).to(torch.float32), key, self.rank)
-                    if key in sums:
-                        sums[key].add_(tensor, alpha=float(coefficient))
-                    else:  # a new tensor: the one read may share the file's mapping
-                        sums[key] = tensor * float(coefficient)
-        for key, shape in shapes.items():
-            if key not in sums:
-                sums[key] = torch.zeros(shape, dtype=torch.float32)
-        return sums
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
-    def stacked(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """[K, *shape] float32: every site's delta for one key."""
-        out = torch.zeros((len(self), *shape), dtype=torch.float32)
-        for site in range(len(self)):
-            tensor = self.delta(site, key)
-            if tensor is not None:
-                out[site] = tensor
-        return out
+    def keys(self):
+        return self.spans.keys()
 
-    def gram(self, keys) -> np.ndarray:
-        """[K, K] float64 inner products of the sites' whole flattened deltas, one key at a time."""
-        count = len(self)
-        gram = torch.zeros((count, count), dtype=torch.float64)
-        for key in keys:
-            rows = [self.delta(site, key) for site in range(count)]
-            size = next((r.numel() for r in rows if r is not None), 0)
-            flat = torch.empty((count, size), dtype=torch.float64)  # every row is written below: no zero-fill
-            for site, row in enumerate(rows):
-                flat[site] = row.reshape(-1) if row is not None else 0.0
-            gram += flat @ flat.T
-        return gram.numpy()
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.spans[key][0]
+
+    def rows(self, key: str, begin: int = 0, end: int | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+        """Rows [begin, end) (along the first axis) of the tensor, as float32. With `scratch` (bytes, large enough)
+        the bytes are read into it, and a float32 tensor comes back as a view of it: valid until the next read."""
+        shape, dtype, start = self.spans[key]
+        if not shape:
+            begin, end, row_items = 0, 1, 1
+        else:
+            end = shape[0] if end is None else min(end, shape[0])
+            row_items = math.prod(shape[1:])
+        itemsize = DTYPE_BYTES[dtype]
+        size = max(0, end - begin) * row_items * itemsize
+        raw = scratch[:size] if scratch is not None and scratch.size >= size else np.empty(size, dtype=np.uint8)
+        view, offset, done = memoryview(raw), start + begin * row_items * itemsize, 0
+        while done < size:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if not got:
+                raise WireError(f"{self.path.name}: tensor {key} ends before its data")
+            done += got
+        values = as_float32(raw.view(FLOAT_DTYPES[dtype]), dtype)
+        return values.reshape((max(0, end - begin), *shape[1:]) if shape else ())
+
+    def tensor(self, key: str) -> np.ndarray:
+        return self.rows(key)
+
+
+def file_layout(path: Path) -> Layout:
+    """Key → (shape, dtype) of a safetensors file, from its header alone. Raises WireError."""
+    return {key: (shape, dtype) for key, (shape, dtype, _) in tensor_spans(path).items()}

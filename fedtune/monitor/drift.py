@@ -109,28 +109,30 @@ def norm_z(norm: float, history: list[float], spread: float) -> float | None:
 
 
 def previous_cosine(current: Path, previous: Path, rank: int) -> float | None:
-    """Cosine between two updates of one site (its delta this round and its last merged one), streamed key by key
-    through memory-mapped reads, each tensor read once. Keys one side lacks count as zeros; smaller ranks are
-    zero-padded to `rank`."""
-    import torch
-    from safetensors import safe_open
-
+    """Cosine between two updates of one site (its delta this round and its last merged one), streamed key by key,
+    each tensor read once. Keys one side lacks count as zeros; smaller ranks are zero-padded to `rank`. None when
+    either is zero, or the earlier file is no longer a readable update."""
+    from fedtune.aggregate.updates import PrivateTensors
+    from fedtune.wire.codec import WireError
     from fedtune.wire.tensors import pad_rank
 
     dot = norm_a = norm_b = 0.0
-    with safe_open(str(current), framework="pt") as a, safe_open(str(previous), framework="pt") as b:
-        keys_a, keys_b = set(a.keys()), set(b.keys())
-        for key in sorted(keys_a | keys_b):
-            # per-key sums in float32 (BLAS), added up in float64: plenty for a monitoring cosine
-            x = pad_rank(a.get_tensor(key), key, rank).reshape(-1).float() if key in keys_a else None
-            y = pad_rank(b.get_tensor(key), key, rank).reshape(-1).float() if key in keys_b else None
-            if x is not None:
-                norm_a += float(torch.dot(x, x))
-            if y is not None:
-                norm_b += float(torch.dot(y, y))
-            if x is not None and y is not None and x.shape == y.shape:
-                dot += float(torch.dot(x, y))
-    if norm_a <= 0 or norm_b <= 0:
+    try:
+        with PrivateTensors(current) as a, PrivateTensors(previous) as b:
+            keys_a, keys_b = set(a.keys()), set(b.keys())
+            for key in sorted(keys_a | keys_b):
+                # per-key sums in float32 (BLAS), added up in float64: plenty for a monitoring cosine
+                x = pad_rank(a.tensor(key), key, rank).reshape(-1) if key in keys_a else None
+                y = pad_rank(b.tensor(key), key, rank).reshape(-1) if key in keys_b else None
+                if x is not None:
+                    norm_a += float(np.dot(x, x))
+                if y is not None:
+                    norm_b += float(np.dot(y, y))
+                if x is not None and y is not None and x.shape == y.shape:
+                    dot += float(np.dot(x, y))
+    except (OSError, WireError):
+        return None
+    if norm_a <= 0 or norm_b <= 0 or not math.isfinite(norm_a * norm_b):
         return None
     return dot / math.sqrt(norm_a * norm_b)
 

@@ -50,7 +50,7 @@ def read_header(prefix: bytes, file_size: int, source: str = ADAPTER_FILE) -> La
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise WireError(f"{source}: __metadata__ must map names to strings")
             continue
-        name = printable(key, 120)
+        name = _Name(key)  # escaped only when a reason names it: a header holds hundreds of keys
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise WireError(f"{source}: tensor {name}: entry must hold exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
@@ -84,6 +84,19 @@ def read_header(prefix: bytes, file_size: int, source: str = ADAPTER_FILE) -> La
     if position != data_size:
         raise WireError(f"{source}: {data_size - position} bytes after the last tensor belong to none")
     return layout
+
+
+class _Name:
+    """A tensor key as a reason shows it: control characters escaped, the length bounded."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __str__(self) -> str:
+        return printable(self.key, 120)
+
+    def __lt__(self, other: _Name) -> bool:
+        return self.key < other.key
 
 
 # --- the LoRA layout ---------------------------------------------------------------------------------------
@@ -126,10 +139,18 @@ def rank_slice(tensor, key: str, rank: int):
 
 
 def pad_rank(tensor, key: str, rank: int):
-    """Zero-pad a factor of smaller rank to `rank` components."""
+    """Zero-pad a factor of smaller rank to `rank` components (a torch tensor or a numpy array)."""
+    factor = factor_of(key)
+    if not hasattr(tensor, "new_zeros"):  # numpy
+        import numpy as np
+
+        if factor == "A" and tensor.shape[0] < rank:
+            return np.concatenate([tensor, np.zeros((rank - tensor.shape[0], tensor.shape[1]), tensor.dtype)], axis=0)
+        if factor == "B" and tensor.shape[1] < rank:
+            return np.concatenate([tensor, np.zeros((tensor.shape[0], rank - tensor.shape[1]), tensor.dtype)], axis=1)
+        return tensor
     import torch
 
-    factor = factor_of(key)
     if factor == "A" and tensor.shape[0] < rank:
         return torch.cat([tensor, tensor.new_zeros(rank - tensor.shape[0], tensor.shape[1])], dim=0)
     if factor == "B" and tensor.shape[1] < rank:

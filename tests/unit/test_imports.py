@@ -38,13 +38,26 @@ def loaded(tmp_path, *args: str, env: dict | None = None) -> tuple[set[str], sub
 
 
 @pytest.mark.slow
-def test_aggregate_loads_no_model_library(tmp_path, federation, round_one):
+def test_a_fedavg_round_loads_neither_torch_nor_a_model_library(tmp_path, federation, round_one):
+    """FedAvg is read, checked, merged (its factor-averaging error measured too) and signed with numpy alone."""
     _, folder = federation
     modules, done = loaded(tmp_path, "aggregate", "--config", str(folder / "federation.yaml"),
                            "--registry", str(folder / "registry"), "--updates", str(round_one))
     assert done.returncode == 0, done.stderr
-    assert (folder / "registry" / "v0001" / "adapter_model.safetensors").is_file()
-    assert "torch" in modules  # the probe sees what the merge imported
+    manifest = json.loads((folder / "registry" / "v0001" / "manifest.json").read_text())
+    assert "max" in manifest["reconstruction_error"]  # measured, not skipped
+    assert "numpy" in modules  # the probe sees what the merge imported
+    assert "torch" not in modules
+    assert not modules & MODEL_LIBRARIES, f"fedtune aggregate imported {sorted(modules & MODEL_LIBRARIES)}"
+
+
+@pytest.mark.slow
+def test_a_coordinate_wise_round_loads_torch_and_no_model_library(tmp_path, federation, round_one):
+    _, folder = federation
+    modules, done = loaded(tmp_path, "aggregate", "--config", str(folder / "federation.yaml"), "--method", "median",
+                           "--registry", str(folder / "registry"), "--updates", str(round_one))
+    assert done.returncode == 0, done.stderr
+    assert "torch" in modules  # the median runs on torch tensors
     assert not modules & MODEL_LIBRARIES, f"fedtune aggregate imported {sorted(modules & MODEL_LIBRARIES)}"
 
 

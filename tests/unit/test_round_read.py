@@ -49,8 +49,8 @@ def test_hash_layout_and_norms_are_those_of_the_bytes_copied(tmp_path):
     assert oct((tmp_path / "copy").stat().st_mode & 0o777) == "0o600"
     assert read.layout == _layout(tensors)
     assert set(read.norms) == set(tensors)
-    # The same float64 norm per tensor as on the tensors safetensors loads, so clipping sees the same value.
-    assert delta_norm(read, list(tensors)) == _expected_norm(source, list(tensors))
+    # The float64 norm of the tensors safetensors loads (bfloat16 included), up to the order of the float64 sum.
+    assert delta_norm(read, list(tensors)) == pytest.approx(_expected_norm(source, list(tensors)), rel=1e-13)
 
 
 def test_unaligned_tensors_are_measured_from_an_aligned_copy(tmp_path):

@@ -1,0 +1,220 @@
+"""The linear rules' merge without torch: Σ_k c_k·δ_k over the round's private copies and, in the same read, the
+Gram matrix of the clipped deltas (for the contribution records, or for the rules that choose their
+coefficients from it).
+
+FedAvg, FFA, Krum, the geometric median and centered clipping merge whole updates linearly
+(`base.LinearMethod`). When the step is plain (no server optimizer), no central noise is added and the parent's
+tensors are float32, float16 or float64, this is how their round is merged: every key is read a block of rows at
+a time from each site, widened to float64, and one matrix product gives both the block's inner products and its
+weighted sum, so each byte is read once and the sums are exact to float64 before the result is rounded to the
+parent's dtype. Otherwise `merge.merge_updates` (torch) merges the round.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from fedtune.aggregate.base import LinearMethod, Method
+from fedtune.aggregate.updates import PrivateTensors
+from fedtune.wire.tensors import ADAPTER_FILE, Layout, factor_of, lora_layers
+
+NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+# The float64 rows of every site held at once for one block of a key.
+BLOCK_BYTES = 16 << 20
+
+
+def applies(rule: Method, plain_step: bool, noise, layout: Layout) -> bool:
+    """Whether `merge_linear` merges this round (else the torch merge does)."""
+    return (isinstance(rule, LinearMethod) and plain_step and noise is None
+            and all(dtype in NUMPY_DTYPES for _, dtype in layout.values()))
+
+
+def target_shape(shape: tuple[int, ...], key: str, rank: int) -> tuple[int, ...]:
+    """A parent tensor's shape at the federation's rank (its first `rank` components, as `rank_slice`)."""
+    factor = factor_of(key)
+    if factor == "A":
+        return (min(rank, shape[0]), *shape[1:])
+    if factor == "B":
+        return (shape[0], min(rank, shape[1]), *shape[2:])
+    return shape
+
+
+def merge_linear(rule: LinearMethod, valid: list, parent_dir: Path, layout: Layout, weights: np.ndarray,
+                 scale: np.ndarray, rank: int, record: dict, want_gram: bool, threads: int = 1) -> dict[str, np.ndarray]:
+    """The next version's tensors: parent (at the federation's rank) + Σ_k c_k δ_k, with c = the rule's
+    coefficients × the clipping factors `scale`, read on `threads` threads. `record` receives "coefficients" and,
+    with `want_gram`, "gram": the [K, K] inner products of the clipped deltas."""
+    targets = {key: target_shape(shape, key, rank) for key, (shape, _) in layout.items()}
+    sites = [PrivateTensors(update.tensors) for update in valid]
+    try:
+        sent = [update.keys for update in valid]
+        clipped = np.outer(scale, scale)
+        if rule.needs_gram:  # the coefficients depend on every inner product: one pass for them, one for the sum
+            _, gram = _read_round(sites, sent, targets, None, True, threads)
+            gram = gram * clipped
+            coefficients = rule.coefficients(weights, gram) * scale
+            sums, _ = _read_round(sites, sent, targets, coefficients, False, threads)
+        else:
+            coefficients = rule.coefficients(weights, None) * scale
+            sums, gram = _read_round(sites, sent, targets, coefficients, want_gram, threads)
+            gram = gram * clipped if gram is not None else None
+    finally:
+        for site in sites:
+            site.close()
+    record["coefficients"] = coefficients
+    if gram is not None and want_gram:
+        record["gram"] = gram
+    merged = {}
+    with PrivateTensors(parent_dir / ADAPTER_FILE) as parent:
+        for key, (shape, dtype) in layout.items():
+            target = targets[key]
+            start = parent.tensor(key)[tuple(slice(0, n) for n in target)] if target != shape else parent.tensor(key)
+            merged[key] = (start + sums.pop(key)).astype(NUMPY_DTYPES[dtype], copy=False)
+    return merged
+
+
+def _read_round(sites: list[PrivateTensors], sent: list[set[str]], targets: dict[str, tuple[int, ...]],
+                coefficients: np.ndarray | None, want_gram: bool, threads: int):
+    """(Σ_k c_k δ_k per key, float32 — or None without coefficients; the [K, K] Gram matrix of the unclipped deltas
+    — or None), from one read of every site's tensors. A site that did not send a key (FFA's frozen A) counts as
+    zeros there; a smaller rank is zero-padded.
+
+    The keys are shared out among `threads` workers, each with BLAS on one thread; every key's sum and inner
+    products are computed by one worker and the Gram matrix is added up in key order, so the result does not
+    depend on the number of threads."""
+    keys = list(targets)
+    grams: list[np.ndarray | None] = [None] * len(keys)
+    sums: dict[str, np.ndarray] = {}
+
+    def work(first: int) -> None:
+        block_buffer = np.empty(BLOCK_BYTES // 8)
+        scratch = np.empty(BLOCK_BYTES // 2, dtype=np.uint8)  # one site's raw rows of a block (float32 or less)
+        for index in range(first, len(keys), threads):
+            key = keys[index]
+            result = _read_key(sites, sent, key, targets[key], coefficients, want_gram, block_buffer, scratch)
+            if coefficients is not None:
+                sums[key] = result[0]
+            grams[index] = result[1]
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads <= 1:
+            work(0)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(work, range(threads)))
+    gram = None
+    if want_gram:
+        gram = np.zeros((len(sites), len(sites)))
+        for part in grams:
+            gram += part
+    return (sums if coefficients is not None else None), gram
+
+
+def _read_key(sites, sent, key: str, shape: tuple[int, ...], coefficients, want_gram: bool, block_buffer: np.ndarray,
+              scratch: np.ndarray):
+    """(Σ_k c_k δ_k or None, the key's [K, K] inner products or None) of one key, a block of rows at a time."""
+    count = len(sites)
+    rows, row_shape = (shape[0], shape[1:]) if shape else (1, ())
+    row_items = max(1, math.prod(row_shape))
+    step = max(1, block_buffer.size // (count * row_items))
+    out = np.empty((rows, *row_shape), dtype=np.float32) if coefficients is not None else None
+    gram = np.zeros((count, count)) if want_gram else None
+    for begin in range(0, rows, step):
+        end = min(rows, begin + step)
+        size = count * (end - begin) * row_items
+        if size > block_buffer.size:  # one row of every site is more than a block: a buffer for this key
+            block_buffer = np.empty(size)
+        block = block_buffer[:size].reshape(count, end - begin, *row_shape)
+        for index, site in enumerate(sites):
+            if key not in sent[index]:
+                block[index] = 0.0
+                continue
+            part = site.rows(key, begin, end, scratch) if shape else site.tensor(key).reshape(1)
+            if part.shape != block.shape[1:]:  # a smaller rank: zeros around its components
+                block[index] = 0.0
+            block[(index, slice(0, part.shape[0]), *(slice(0, n) for n in part.shape[1:]))] = part
+        flat = block.reshape(count, -1)
+        if gram is not None:
+            gram += flat @ flat.T
+        if out is not None:
+            out[begin:end] = (coefficients @ flat).reshape(end - begin, *row_shape)
+    return (out.reshape(shape) if out is not None else None), gram
+
+
+# Past this, measuring fedavg's error would take longer than the merge itself (seconds on a laptop).
+ERROR_BUDGET_FLOPS = 10e9
+
+
+def averaging_error_plan(settings, layout: Layout, valid: list, rank: int) -> dict | None:
+    """None when factor averaging's reconstruction error is to be measured this round (aggregation.report_error,
+    or by default when it costs under ERROR_BUDGET_FLOPS), else the record that says why it was not."""
+    cost = _averaging_error_cost(layout, valid, rank)
+    if settings.report_error or (settings.report_error is None and cost <= ERROR_BUDGET_FLOPS):
+        return None
+    return {"skipped": f"would cost {cost / 1e9:.0f} GFLOP; set aggregation.report_error: true to record it"}
+
+
+def _averaging_error_cost(layout: Layout, valid: list, rank: int) -> float:
+    """Flops of measuring it: two Gram matrices of the stacked factors per layer."""
+    width = sum(u.rank for u in valid) + rank
+    total = 0.0
+    for layer in lora_layers(layout):
+        d, n = layout[layer.b_key][0][0], layout[layer.a_key][0][1]
+        total += 2.0 * width * width * (d + n)
+    return total
+
+
+def averaging_error(valid: list, parent_dir: Path, layout: Layout, weights: np.ndarray, scale: np.ndarray,
+                    merged: dict, lora) -> dict[str, float]:
+    """‖ΔW* − B′A′‖/‖ΔW*‖ per layer for factor averaging: ΔW* is the exact weighted mean of the sites' products
+    (each site's whole local factors: the parent's first r_k components plus its clipped delta), B′A′ the product
+    of the merged factors. `merged`: numpy arrays or torch tensors."""
+    scaling = lora.alpha / lora.r
+    errors = {}
+    sites = [PrivateTensors(update.tensors) for update in valid]
+    try:
+        with PrivateTensors(parent_dir / ADAPTER_FILE) as parent:
+            for layer in lora_layers(layout):
+                start_a = parent.tensor(layer.a_key).astype(np.float64)
+                start_b = parent.tensor(layer.b_key).astype(np.float64)
+                bs, as_ = [], []
+                for site, update, factor, weight in zip(sites, valid, scale, weights):
+                    a, b = start_a[: update.rank].copy(), start_b[:, : update.rank].copy()
+                    if layer.a_key in update.keys:
+                        a += float(factor) * site.tensor(layer.a_key)
+                    if layer.b_key in update.keys:
+                        b += float(factor) * site.tensor(layer.b_key)
+                    bs.append(b)
+                    as_.append(float(weight) * scaling * a)
+                errors[layer.name] = product_error(bs, as_, _float64(merged[layer.b_key]),
+                                                   scaling * _float64(merged[layer.a_key]))
+    finally:
+        for site in sites:
+            site.close()
+    return errors
+
+
+def _float64(values) -> np.ndarray:
+    if isinstance(values, np.ndarray):
+        return values.astype(np.float64)
+    return values.double().numpy()  # a torch tensor
+
+
+def product_error(b_target: list[np.ndarray], a_target: list[np.ndarray], b: np.ndarray, a: np.ndarray) -> float:
+    """‖Σ_k B_k A_k − B A‖ / ‖Σ_k B_k A_k‖ from factors only (trace identities on small Gram matrices)."""
+
+    def sq_norm(bs: list[np.ndarray], as_: list[np.ndarray]) -> float:
+        b_cat = np.concatenate(bs, axis=1)
+        a_cat = np.concatenate(as_, axis=0)
+        return float(((b_cat.T @ b_cat) * (a_cat @ a_cat.T)).sum())
+
+    target = sq_norm(b_target, a_target)
+    if target <= 0:
+        return 0.0
+    diff = sq_norm([*b_target, b], [*a_target, -a])
+    return max(diff, 0.0) ** 0.5 / target**0.5
