@@ -421,7 +421,8 @@ def child_engine(task: dict) -> dict:
 
     import numpy as np
 
-    from fedtune.aggregate import make_method, round_thread_count
+    from fedtune.aggregate import make_method, merge_workers, round_threads
+    from fedtune.aggregate.base import LinearMethod
     from fedtune.aggregate.engine import clip_factors, merge_tensors, outlier_factors, site_weights
     from fedtune.aggregate.updates import file_layout
     from fedtune.wire.tensors import ADAPTER_FILE
@@ -464,10 +465,19 @@ def child_engine(task: dict) -> dict:
                                                                                             settings.norm_bound)
         anon = AnonPeak()
 
-        def run():  # the merge `fedtune aggregate` runs (numpy for the linear rules, torch for the others)
+        # The merge `fedtune aggregate` runs, on its threads: numpy for the linear rules (one worker per core, or
+        # FEDTUNE_THREADS), torch for the others (the load-aware count, or FEDTUNE_THREADS).
+        linear = isinstance(rule, LinearMethod)
+        threads = merge_workers() if linear else round_threads()[0]
+        if not linear:
+            import torch
+
+            torch.set_num_threads(threads)
+
+        def run():
             from threadpoolctl import threadpool_limits
 
-            with threadpool_limits(limits=round_thread_count(), user_api="blas"):
+            with threadpool_limits(limits=round_threads()[0], user_api="blas"):
                 return merge_tensors(rule, valid, parent_dir, parent, config, settings, shapes, weights, scale, {},
                                      None, False)
 
@@ -488,7 +498,7 @@ def child_engine(task: dict) -> dict:
         keys = list(base)[:: max(1, len(shapes) // 8)]
         out["sample"] = sample({k: np.asarray(merged[0][k]) - base[k] for k in keys})
         out["errors"] = None if not merged[2] or "skipped" in merged[2] else max(merged[2].values())
-    out["threads"] = round_thread_count()
+    out["threads"] = threads
     return out
 
 
@@ -877,7 +887,7 @@ WHOLE_ROWS = {
 
 
 def whole_process(args, env: dict, say) -> dict:
-    from fedtune.aggregate import round_threads
+    from fedtune.aggregate import merge_workers
 
     spec = spec_of(args.whole_preset)
     per_update = update_bytes(spec)
@@ -926,8 +936,8 @@ def whole_process(args, env: dict, say) -> dict:
             reset_registry(layout)
             warm(layout.update_files(sites) + [layout.registry / "v0000" / ADAPTER])
             load = os.getloadavg()[0]
-            # What the merge will choose (an earlier fedtune, the before row, left torch at its default)
-            threads = round_threads()[0] if name == "fedtune aggregate" or "report_error" in name else None
+            # The threads the numpy merge reads on (an earlier fedtune, the before row, left torch at its default)
+            threads = merge_workers() if name == "fedtune aggregate" or "report_error" in name else None
             log = logs / f"{name.split()[0]}-{attempt}.log"
             wall, rss, code, others = run_process(cmd, log, run_env)
             if code != 0:

@@ -102,9 +102,13 @@ def aggregate_round(*args, **kwargs):
         _ROUND.update(threads=None, torch_before=None)
 
 
-def round_thread_count() -> int:
-    """The thread count of the round being merged (`round_threads()` when called outside one)."""
-    return _ROUND["threads"] or round_threads()[0]
+def merge_workers() -> int:
+    """How many threads the numpy merge reads and sums on: $FEDTUNE_THREADS when set, else one per core. Its
+    workers share whole keys (no barrier between them), so unlike torch's operations a busy core slows one of them
+    down without stalling the others: the load does not need to be guessed."""
+    if os.environ.get(THREADS_ENV, "").strip():
+        return round_threads()[0]
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def round_torch():

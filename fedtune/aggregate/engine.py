@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from fedtune.aggregate import make_method, round_thread_count
+from fedtune.aggregate import make_method, merge_workers
 from fedtune.aggregate.base import Method
 # site_weights and check_merged are used from here by callers that weigh a round the way aggregate does
 from fedtune.aggregate.bounds import check_merged, clip_factors, outlier_factors, site_weights  # noqa: F401
@@ -238,7 +238,7 @@ def merge_tensors(rule: Method, valid: list, parent_dir: Path, parent: dict, con
         return merge_updates(rule, valid, parent_dir, parent, config, settings, weights, scale, record=record,
                              noise=noise, gram=gram)
     rank = config.lora.r
-    merged = merge_linear(rule, valid, parent_dir, layout, weights, scale, rank, record, gram, round_thread_count())
+    merged = merge_linear(rule, valid, parent_dir, layout, weights, scale, rank, record, gram, merge_workers())
     errors = averaging_error_plan(settings, layout, valid, rank) if rule.sum_only else None
     if rule.sum_only and errors is None:
         errors = averaging_error(valid, parent_dir, layout, weights, scale, merged, config.lora)

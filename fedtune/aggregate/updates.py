@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,45 +31,44 @@ NORM_CHUNK = 1 << 16
 
 @dataclass
 class PrivateCopy:
-    """What one read of an update's tensor file found: the sha256 of its bytes, its header's layout, and the
-    L2 norm (float64) of each float tensor, taken when the whole layout was the expected one."""
+    """What one read of an update's tensor file found: the sha256 of its bytes, its header's layout, the L2 norm
+    (float64) of each float tensor, taken when the whole layout was the expected one, and where each tensor's bytes
+    start (for the merge's reads)."""
 
     path: Path
     sha256: str
     layout: Layout
     norms: dict[str, float]
+    spans: dict[str, tuple[tuple[int, ...], str, int]]
 
 
 def read_private_copy(source: Path, target: Path, max_bytes: int, expected: Layout | None) -> PrivateCopy:
     """Copy `source` into `target` (a new file only this process writes) inside the kernel, then read the copy
-    once through a memory map: its header is checked, then each tensor's bytes are hashed and, when `expected`
-    is given and the header matches it, measured while they are in the cache. The copy is what gets merged, so
-    a file swapped or rewritten during or after this read changes nothing. Raises WireError."""
+    once: its header is checked, then each tensor's bytes are hashed and, when `expected` is given and the header
+    matches it, measured while they are in the cache. The copy is what gets merged, so a file swapped or rewritten
+    during or after this read changes nothing. Raises WireError."""
     fd, size = open_regular(source, max_bytes)
     try:
         out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             copy_between(fd, out, size)
             copied = os.fstat(out).st_size  # less than size when the file shrank meanwhile
-            if copied < 8:
-                read_header(os.pread(out, copied, 0), copied, source.name)  # raises: too short
-            # Read-only and shared: a private writable mapping would copy every page it populates.
-            with mmap.mmap(out, copied, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ) as mapped:
-                sha256, layout, norms = _measure(mapped, copied, source.name, expected)
+            sha256, layout, norms, spans = _measure(out, copied, source.name, expected)
         finally:
             os.close(out)
     except OSError as err:
         raise WireError(f"{source.name}: could not be copied ({err.strerror})") from None
     finally:
         os.close(fd)
-    return PrivateCopy(target, sha256, layout, norms)
+    return PrivateCopy(target, sha256, layout, norms, spans)
 
 
-def _measure(mapped: mmap.mmap, size: int, name: str, expected: Layout | None):
-    """(sha256, layout, norms) of a mapped safetensors file, tensor by tensor in the file's order."""
-    length = int.from_bytes(mapped[:8], "little")
-    prefix = mapped[: 8 + length] if length <= MAX_HEADER_BYTES and 8 + length <= size else mapped[:8]
+def _measure(fd: int, size: int, name: str, expected: Layout | None):
+    """(sha256, layout, norms, spans) of the safetensors file open at `fd`, read tensor by tensor in the file's
+    order a chunk at a time through one buffer, which is hashed and measured while it is in the cache."""
+    first = os.pread(fd, 8, 0)
+    length = int.from_bytes(first, "little") if len(first) == 8 else 0
+    prefix = os.pread(fd, 8 + length, 0) if length <= MAX_HEADER_BYTES and 8 + length <= size else first
     layout = read_header(prefix, size, name)
     # read_header checked the offsets: the tensors tile the data section exactly, so hashing them in offset
     # order after the header hashes the whole file.
@@ -79,31 +77,46 @@ def _measure(mapped: mmap.mmap, size: int, name: str, expected: Layout | None):
     measure = expected is not None and layout == expected
     digest = hashlib.sha256(prefix)
     norms: dict[str, float] = {}
-    with memoryview(mapped) as whole:
-        start = 8 + length
-        for begin, end, key in spans:
-            data = whole[start + begin : start + end]
-            digest.update(data)
-            shape, dtype = layout[key]
-            if measure and dtype in FLOAT_DTYPES:
-                norms[key] = _norm(data, start + begin, dtype)
-            data.release()
-    return digest.hexdigest(), layout, norms
+    buffer = np.empty(min(READ_CHUNK, max(1, size)), dtype=np.uint8)  # aligned for every dtype
+    start = 8 + length
+    for begin, end, key in spans:
+        dtype = layout[key][1]
+        measured = measure and dtype in FLOAT_DTYPES
+        square = 0.0
+        for at in range(begin, end, READ_CHUNK):
+            chunk = buffer[: min(READ_CHUNK, end - at)]
+            read_exact(fd, chunk, start + at, name)
+            digest.update(chunk)
+            if measured:
+                square += _square_sum(chunk, dtype)
+        if measured:
+            norms[key] = math.sqrt(square) if square >= 0 else square  # NaN stays NaN
+    return digest.hexdigest(), layout, norms, {key: (*layout[key], start + begin) for begin, _, key in spans}
 
 
-def _norm(data: memoryview, offset: int, dtype: str) -> float:
-    """The tensor's L2 norm, summed in float64 a cache-sized chunk at a time (a float32 sum of squares would lose
-    digits and overflow past 1.8e19). `offset`: where the bytes sit in the (page-aligned) mapping."""
-    if not len(data):
-        return 0.0
-    if offset % DTYPE_BYTES[dtype]:
-        data = memoryview(bytearray(data))  # an unaligned tensor (safetensors writes none): an aligned copy
-    values = np.frombuffer(data, dtype=FLOAT_DTYPES[dtype])
+# Bytes of a tensor read, hashed and measured at once: a multiple of every element's size.
+READ_CHUNK = 4 << 20
+
+
+def read_exact(fd: int, into: np.ndarray, offset: int, name: str) -> None:
+    """Fill `into` (bytes) from `fd` at `offset`; WireError when the file ends first."""
+    view, done = memoryview(into), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise WireError(f"{name}: the file ends before its tensors' data")
+        done += got
+
+
+def _square_sum(data: np.ndarray, dtype: str) -> float:
+    """Σ x² of a tensor's raw bytes in float64, a cache-sized chunk at a time (a float32 sum of squares would lose
+    digits and overflow past 1.8e19); NaN or infinite when a value is."""
+    values = data.view(FLOAT_DTYPES[dtype])
     total = 0.0
     for begin in range(0, values.size, NORM_CHUNK):
         chunk = as_float64(values[begin: begin + NORM_CHUNK], dtype)
         total += float(np.dot(chunk, chunk))
-    return math.sqrt(total)
+    return total
 
 
 def as_float32(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -137,9 +150,10 @@ class PrivateTensors:
     """One safetensors file read a block of rows at a time, as float32 numpy arrays (without torch): `pread` into a
     buffer this process owns, so nothing stays mapped and memory holds one block."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, spans: dict[str, tuple[tuple[int, ...], str, int]] | None = None):
+        """`spans`: key → (shape, dtype, where its bytes start), when the file's header was read already."""
         self.path = path
-        self.spans = tensor_spans(path)
+        self.spans = spans if spans is not None else tensor_spans(path)
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
     def close(self) -> None:
@@ -171,14 +185,22 @@ class PrivateTensors:
         itemsize = DTYPE_BYTES[dtype]
         size = max(0, end - begin) * row_items * itemsize
         raw = scratch[:size] if scratch is not None and scratch.size >= size else np.empty(size, dtype=np.uint8)
-        view, offset, done = memoryview(raw), start + begin * row_items * itemsize, 0
-        while done < size:
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if not got:
-                raise WireError(f"{self.path.name}: tensor {key} ends before its data")
-            done += got
+        read_exact(self._fd, raw, start + begin * row_items * itemsize, f"{self.path.name}: tensor {key}")
         values = as_float32(raw.view(FLOAT_DTYPES[dtype]), dtype)
         return values.reshape((max(0, end - begin), *shape[1:]) if shape else ())
+
+    def holds(self, key: str, out: np.ndarray, begin: int) -> bool:
+        """Whether rows [begin, begin + len(out)) of the tensor are stored exactly as `out` holds values: float32
+        in the same row shape, every row present (so `read_rows_into` can read straight into it)."""
+        shape, dtype, _ = self.spans[key]
+        return (dtype == "F32" and out.dtype == np.float32 and out.flags.c_contiguous and bool(shape)
+                and tuple(shape[1:]) == out.shape[1:] and begin + out.shape[0] <= shape[0])
+
+    def read_rows_into(self, key: str, begin: int, out: np.ndarray) -> None:
+        """Read rows [begin, begin + len(out)) of a float32 tensor into `out` (see `holds`)."""
+        shape, _, start = self.spans[key]
+        read_exact(self._fd, out.reshape(-1).view(np.uint8), start + begin * math.prod(shape[1:]) * 4,
+                   f"{self.path.name}: tensor {key}")
 
     def tensor(self, key: str) -> np.ndarray:
         return self.rows(key)
