@@ -234,15 +234,12 @@ def _float64(values) -> np.ndarray:
 
 
 def product_error(b_target: list[np.ndarray], a_target: list[np.ndarray], b: np.ndarray, a: np.ndarray) -> float:
-    """‖Σ_k B_k A_k − B A‖ / ‖Σ_k B_k A_k‖ from factors only (trace identities on small Gram matrices)."""
-
-    def sq_norm(bs: list[np.ndarray], as_: list[np.ndarray]) -> float:
-        b_cat = np.concatenate(bs, axis=1)
-        a_cat = np.concatenate(as_, axis=0)
-        return float(((b_cat.T @ b_cat) * (a_cat @ a_cat.T)).sum())
-
-    target = sq_norm(b_target, a_target)
+    """‖T − B A‖ / ‖T‖ with T = Σ_k B_k A_k, from factors only: ‖T‖², ⟨T, BA⟩ and ‖BA‖² are sums of elementwise
+    products of small Gram matrices (trace identities), so no d × n matrix is formed."""
+    b_cat, a_cat = np.concatenate(b_target, axis=1), np.concatenate(a_target, axis=0)
+    target = float(np.sum(np.dot(b_cat.T, b_cat) * np.dot(a_cat, a_cat.T)))
     if target <= 0:
         return 0.0
-    diff = sq_norm([*b_target, b], [*a_target, -a])
-    return max(diff, 0.0) ** 0.5 / target**0.5
+    cross = float(np.sum(np.dot(b_cat.T, b) * np.dot(a_cat, a.T)))
+    own = float(np.sum(np.dot(b.T, b) * np.dot(a, a.T)))
+    return max(target - 2 * cross + own, 0.0) ** 0.5 / target**0.5
