@@ -413,7 +413,7 @@ class MonitorSettings(Strict):
 
     contributions: bool = Field(True, description="record each site's leave-one-out change of the merged delta and "
                                 "its cosines to the merge and to the other updates, from the deltas' Gram matrix "
-                                "(fedavg/ffa read the updates once more for it; not under central/distributed DP "
+                                "(fedavg/ffa take it in the merge's own read; not under central/distributed DP "
                                 "or secure aggregation: it describes one site)")
     previous_cosine: bool = Field(True, description="record each update's cosine to the site's last merged update "
                                   "when that update's folder is still beside the round's (reads it once more)")

@@ -69,9 +69,9 @@ def array_norm(values) -> float:
     return math.sqrt(total) if math.isfinite(total) else total
 
 
-def check_merged(merged: dict, parent_dir: Path, config) -> None:
+def check_merged(merged: dict, parent_dir: Path, config, parent_norm: float | None = None) -> None:
     """The new version must be finite and within reach of its parent before it is published. A NaN or an infinity
-    anywhere makes its tensor's norm NaN or infinite."""
+    anywhere makes its tensor's norm NaN or infinite. `parent_norm`: the parent's, when the merge measured it."""
     square = 0.0
     for key, tensor in merged.items():
         part = array_norm(tensor)
@@ -79,8 +79,9 @@ def check_merged(merged: dict, parent_dir: Path, config) -> None:
             raise BadInput(f"aggregate: the merged tensor {key} is not finite; nothing written (use a robust method, "
                            "or lower aggregation.norm_bound)")
         square += part * part
-    with PrivateTensors(parent_dir / ADAPTER_FILE) as parent:
-        parent_norm = math.sqrt(sum(array_norm(parent.tensor(key)) ** 2 for key in parent.keys()))
+    if parent_norm is None:
+        with PrivateTensors(parent_dir / ADAPTER_FILE) as parent:
+            parent_norm = math.sqrt(sum(array_norm(parent.tensor(key)) ** 2 for key in parent.keys()))
     limit = parent_norm + 10 * config.security.max_update_norm
     if math.sqrt(square) > limit:
         raise BadInput(f"aggregate: the merged version's norm {math.sqrt(square):.4g} is beyond {limit:.4g} (its "

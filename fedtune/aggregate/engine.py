@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -202,8 +203,11 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
     describe_sites = config.monitor.contributions and config.privacy.mode in ("none", "local") and len(valid) > 1
     merged, state, errors, out_rank = merge_tensors(rule, valid, parent_dir, parent, config, settings, layout, weights,
                                                     scale, record, noise, describe_sites)
-    check_merged(merged, parent_dir, config)
+    check_merged(merged, parent_dir, config, record.get("parent_norm"))
     contributions, monitor = _monitor(config, registry, parent, rule, valid, weights, record.get("gram"), round_dir)
+    # Nothing reads the private copies after this: they are removed while the version is written.
+    sweeper = threading.Thread(target=_remove_copies, args=(valid,), daemon=True)
+    sweeper.start()
     # The rules that pick or re-weight whole updates (krum, geomedian, centered-clip) say what they chose.
     coefficients = record.get("coefficients")
     contributors = [
@@ -225,7 +229,18 @@ def _aggregate(config, registry: Registry, parent_dir: Path, parent: dict, round
                   reconstruction_error=error_summary,
                   **({"participation": participation} if participation is not None else {}),
                   **({"monitor": monitor} if monitor is not None else {}))
-    return publish_version(config, registry, parent_dir, parent, merged, state, out_rank, fields, hold_on_alert)
+    try:
+        return publish_version(config, registry, parent_dir, parent, merged, state, out_rank, fields, hold_on_alert)
+    finally:
+        sweeper.join()
+
+
+def _remove_copies(valid: list) -> None:
+    for update in valid:
+        try:
+            update.tensors.unlink()
+        except OSError:
+            pass  # the work folder is removed at the end of the round whatever happens here
 
 
 def merge_tensors(rule: Method, valid: list, parent_dir: Path, parent: dict, config, settings, layout, weights,

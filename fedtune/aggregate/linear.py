@@ -22,6 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fedtune.aggregate.base import LinearMethod, Method
+from fedtune.aggregate.bounds import array_norm
 from fedtune.aggregate.updates import PrivateTensors
 from fedtune.wire.tensors import ADAPTER_FILE, Layout, factor_of, lora_layers
 
@@ -49,8 +50,8 @@ def target_shape(shape: tuple[int, ...], key: str, rank: int) -> tuple[int, ...]
 def merge_linear(rule: LinearMethod, valid: list, parent_dir: Path, layout: Layout, weights: np.ndarray,
                  scale: np.ndarray, rank: int, record: dict, want_gram: bool, threads: int = 1) -> dict[str, np.ndarray]:
     """The next version's tensors: parent (at the federation's rank) + Σ_k c_k δ_k, with c = the rule's
-    coefficients × the clipping factors `scale`, read on `threads` threads. `record` receives "coefficients" and,
-    with `want_gram`, "gram": the [K, K] inner products of the clipped deltas."""
+    coefficients × the clipping factors `scale`, read on `threads` threads. `record` receives "coefficients",
+    "parent_norm" and, with `want_gram`, "gram": the [K, K] inner products of the clipped deltas."""
     targets = {key: target_shape(shape, key, rank) for key, (shape, _) in layout.items()}
     sites = [PrivateTensors(update.tensors, update.spans) for update in valid]
     try:
@@ -73,12 +74,15 @@ def merge_linear(rule: LinearMethod, valid: list, parent_dir: Path, layout: Layo
     record["coefficients"] = coefficients
     if gram is not None and want_gram:
         record["gram"] = gram
-    merged = {}
+    merged, square = {}, 0.0
     with PrivateTensors(parent_dir / ADAPTER_FILE) as parent:
         for key, (shape, dtype) in layout.items():
-            target = targets[key]
-            start = parent.tensor(key)[tuple(slice(0, n) for n in target)] if target != shape else parent.tensor(key)
+            start, target = parent.tensor(key), targets[key]
+            square += array_norm(start) ** 2
+            if target != shape:
+                start = start[tuple(slice(0, n) for n in target)]
             merged[key] = (start + sums.pop(key)).astype(NUMPY_DTYPES[dtype], copy=False)
+    record["parent_norm"] = math.sqrt(square)  # for check_merged, which would read the parent again
     return merged
 
 
