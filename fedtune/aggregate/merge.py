@@ -1,7 +1,8 @@
-"""The streaming merge of a round's validated updates into the next version's tensors, and the per-site factors
-(weights, clipping) it applies. Tensors are read key by key through memory-mapped handles: averaging rules hold
-one tensor, coordinate-wise rules one tensor × sites, LoRA-aware rules one layer × sites, plus the output adapter.
-"""
+"""The torch merge of a round's validated updates into the next version's tensors: the coordinate-wise and
+LoRA-aware rules, server optimizers, central DP noise and bfloat16 adapters (the linear rules' plain rounds are
+merged by `linear.py`, without torch). Tensors are read key by key through memory-mapped handles: averaging rules
+hold one tensor, coordinate-wise rules one tensor × sites, LoRA-aware rules one layer × sites, plus the output
+adapter."""
 
 from __future__ import annotations
 
