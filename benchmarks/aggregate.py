@@ -13,9 +13,9 @@ random deltas N(0, 1e-3) encoded and signed by `fedtune.wire.update.encode_updat
 manifest.sig), so `fedtune aggregate` accepts every one with signatures on. Every contender runs in
 its own process, on warm page-cache files, so peak RSS is its own:
 
-  fedtune ...        `merge_updates` in-process on the private copies that `collect_round` made while
-                     validating (untimed): the streaming merge reading the safetensors files key by key;
-                     returns parent + merged delta.
+  fedtune ...        `merge_tensors` in-process on the private copies that `collect_round` made while
+                     validating (untimed): the merge `fedtune aggregate` runs (numpy for fedavg, torch for
+                     trimmed-mean and svd), reading the files key by key; returns parent + merged delta.
   flower ...         `flwr.server.strategy.aggregate.aggregate` / `aggregate_trimmed_avg(…, 0.2)` on the
                      arrays as a Flower server holds them (list[(NDArrays, num_examples)], loaded untimed);
                      returns the merged delta.
@@ -78,13 +78,13 @@ PRESETS = {
 # Rows of the in-process table: name → (kind, parameters, what it computes).
 CONTENDERS = {
     "fedtune fedavg": ("engine", {"method": "fedavg", "report_error": False},
-                       "merge_updates, fedavg, report_error=False: parent + Σp_k·δ_k per key"),
+                       "merge_tensors, fedavg, report_error=False: parent + Σp_k·δ_k per key"),
     "fedtune fedavg+err": ("engine", {"method": "fedavg", "report_error": True},
-                           "merge_updates, fedavg with report_error=True: also the per-layer ‖ΔW*−B′A′‖/‖ΔW*‖"),
+                           "merge_tensors, fedavg with report_error=True: also the per-layer ‖ΔW*−B′A′‖/‖ΔW*‖"),
     "fedtune trimmed": ("engine", {"method": "trimmed-mean", "trim": 0.2},
-                        "merge_updates, trimmed-mean 0.2 (unweighted, per coordinate)"),
+                        "merge_tensors, trimmed-mean 0.2 (unweighted, per coordinate)"),
     "fedtune svd": ("engine", {"method": "svd"},
-                    "merge_updates, svd: exact mean of the products, rank-r re-factoring via QR + small SVD"),
+                    "merge_tensors, svd: exact mean of the products, rank-r re-factoring via QR + small SVD"),
     "flower aggregate": ("flower", {"fn": "aggregate"}, "flwr aggregate(results): weighted mean of the deltas"),
     "flower trimmed": ("flower", {"fn": "trimmed"}, "flwr aggregate_trimmed_avg(results, 0.2)"),
     "peft linear": ("peft", {"combination": "linear"},

@@ -96,9 +96,9 @@ COORDINATOR_PHASES = [
     ("fedtune.aggregate.secure", "remove_masks", "remove masks (ChaCha20)"),
     ("fedtune.privacy.secagg", "Encoding.decode", "decode"),
     ("fedtune.aggregate.engine", "collect_round", "collect_round (read, copy, hash, check)"),
-    ("fedtune.aggregate.engine", "merge_updates", "merge"),
+    ("fedtune.aggregate.engine", "merge_tensors", "merge"),
     ("fedtune.aggregate.engine", "check_merged", "check the merged version"),
-    ("fedtune.aggregate.engine", "_publish", "write + commit"),
+    ("fedtune.aggregate.engine", "publish_version", "write + commit"),
 ]
 
 
