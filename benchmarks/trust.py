@@ -14,7 +14,7 @@ files, with the registry reset to v0000 before it. Two kinds of runs alternate:
                 the engine runs exactly as in the plain run.
 
 The content checks run on a thread pool (one worker per core); there the wall time of the pool is split
-between read_private_copy (copied inside the kernel, then read once: hashed while mapped), delta_norm (finite + norm) and
+between read_private_copy (copied inside the kernel, then read once through a buffer: hashed and measured), delta_norm (finite + norm) and
 the rest of check_tensors (header against the parent's) in proportion to the thread-seconds each took.
 Everything else is sequential, so its wall time is measured directly. Shares are of the whole process's
 wall time (interpreter start to exit). Last, read_private_copy runs alone over the round's files, and the same
