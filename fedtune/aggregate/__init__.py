@@ -70,7 +70,7 @@ def round_threads() -> tuple[int, str]:
         if not value.isdigit() or int(value) < 1:
             raise BadInput(f"{THREADS_ENV}={value[:20]!r}: give a whole number of threads, 1 or more")
         return int(value), f"{THREADS_ENV}={int(value)}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     try:
         load = os.getloadavg()[0]
     except OSError:  # no load average on this system: the safe choice
@@ -108,6 +108,11 @@ def merge_workers() -> int:
     down without stalling the others: the load does not need to be guessed."""
     if os.environ.get(THREADS_ENV, "").strip():
         return round_threads()[0]
+    return _cores()
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedtune.aggregate.updates import NORM_CHUNK, PrivateTensors
+from fedtune.aggregate.updates import PrivateTensors, square_sum
 from fedtune.errors import BadInput
 from fedtune.wire.tensors import ADAPTER_FILE
 
@@ -61,11 +61,7 @@ def array_norm(values) -> float:
         import torch
 
         return float(torch.linalg.vector_norm(values, dtype=torch.float64))
-    flat = values.reshape(-1)
-    total = 0.0
-    for begin in range(0, flat.size, NORM_CHUNK):
-        chunk = flat[begin: begin + NORM_CHUNK].astype(np.float64)
-        total += float(np.dot(chunk, chunk))
+    total = square_sum(values)
     return math.sqrt(total) if math.isfinite(total) else total
 
 

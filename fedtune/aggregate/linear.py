@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from fedtune.aggregate.base import LinearMethod, Method
 from fedtune.aggregate.bounds import array_norm
 from fedtune.aggregate.updates import PrivateTensors
-from fedtune.wire.tensors import ADAPTER_FILE, Layout, factor_of, lora_layers
+from fedtune.wire.tensors import ADAPTER_FILE, Layout, factor_of, lora_layers, rank_slice
 
 NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 # Bytes of one block: rows of one key from every site, multiplied at once.
@@ -76,12 +76,10 @@ def merge_linear(rule: LinearMethod, valid: list, parent_dir: Path, layout: Layo
         record["gram"] = gram
     merged, square = {}, 0.0
     with PrivateTensors(parent_dir / ADAPTER_FILE) as parent:
-        for key, (shape, dtype) in layout.items():
-            start, target = parent.tensor(key), targets[key]
+        for key, (_, dtype) in layout.items():
+            start = parent.tensor(key)
             square += array_norm(start) ** 2
-            if target != shape:
-                start = start[tuple(slice(0, n) for n in target)]
-            merged[key] = (start + sums.pop(key)).astype(NUMPY_DTYPES[dtype], copy=False)
+            merged[key] = (rank_slice(start, key, rank) + sums.pop(key)).astype(NUMPY_DTYPES[dtype], copy=False)
     record["parent_norm"] = math.sqrt(square)  # for check_merged, which would read the parent again
     return merged
 

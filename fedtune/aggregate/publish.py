@@ -47,14 +47,14 @@ def publish_version(config, registry: Registry, parent_dir: Path, parent: dict, 
     built = registry.root / f".{version_name(number)}.{os.getpid()}.tmp"
     built.mkdir()
     try:
-        save_tensors(merged, built / ADAPTER_FILE)
+        save_tensors(merged, built / ADAPTER_FILE, {"format": "pt"})
         sha = sha256_file(built / ADAPTER_FILE)
         adapter_config = read_json(parent_dir / CONFIG_FILE)
         adapter_config.update(r=out_rank, lora_alpha=config.lora.alpha * out_rank / config.lora.r)
         (built / CONFIG_FILE).write_bytes(pretty_json(adapter_config))
         extra = {}
         if state:
-            save_tensors(state, built / STATE_FILE, metadata=None)
+            save_tensors(state, built / STATE_FILE)
             extra["server_state_sha256"] = sha256_file(built / STATE_FILE)
         manifest = global_manifest(config, number, sha, parent=parent["version"],
                                    parent_sha256=parent["adapter_sha256"], **fields, **extra)
@@ -85,7 +85,7 @@ def publish_version(config, registry: Registry, parent_dir: Path, parent: dict, 
     return result
 
 
-def save_tensors(tensors: dict, path: Path, metadata: dict | None = {"format": "pt"}) -> None:  # noqa: B006 (read only)
+def save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """Write numpy arrays (the linear merge) or torch tensors (the others) as one safetensors file; both writers
     lay out the same bytes for the same values."""
     if all(isinstance(value, np.ndarray) for value in tensors.values()):

@@ -66,19 +66,15 @@ def read_private_copy(source: Path, target: Path, max_bytes: int, expected: Layo
 def _measure(fd: int, size: int, name: str, expected: Layout | None):
     """(sha256, layout, norms, spans) of the safetensors file open at `fd`, read tensor by tensor in the file's
     order a chunk at a time through one buffer, which is hashed and measured while it is in the cache."""
-    first = os.pread(fd, 8, 0)
-    length = int.from_bytes(first, "little") if len(first) == 8 else 0
-    prefix = os.pread(fd, 8 + length, 0) if length <= MAX_HEADER_BYTES and 8 + length <= size else first
-    layout = read_header(prefix, size, name)
+    prefix, layout, header = _header(fd, size, name)
     # read_header checked the offsets: the tensors tile the data section exactly, so hashing them in offset
     # order after the header hashes the whole file.
-    header = parse_json(prefix[8:], f"{name} header")
     spans = sorted((*entry["data_offsets"], key) for key, entry in header.items() if key != "__metadata__")
     measure = expected is not None and layout == expected
     digest = hashlib.sha256(prefix)
     norms: dict[str, float] = {}
     buffer = np.empty(min(READ_CHUNK, max(1, size)), dtype=np.uint8)  # aligned for every dtype
-    start = 8 + length
+    start = len(prefix)
     for begin, end, key in spans:
         dtype = layout[key][1]
         measured = measure and dtype in FLOAT_DTYPES
@@ -88,10 +84,20 @@ def _measure(fd: int, size: int, name: str, expected: Layout | None):
             read_exact(fd, chunk, start + at, name)
             digest.update(chunk)
             if measured:
-                square += _square_sum(chunk, dtype)
+                square += square_sum(chunk.view(FLOAT_DTYPES[dtype]), dtype)
         if measured:
             norms[key] = math.sqrt(square) if square >= 0 else square  # NaN stays NaN
     return digest.hexdigest(), layout, norms, {key: (*layout[key], start + begin) for begin, _, key in spans}
+
+
+def _header(fd: int, size: int, name: str) -> tuple[bytes, Layout, dict]:
+    """(the first 8 + header bytes, the checked layout, the parsed header) of the safetensors file open at `fd`.
+    Raises WireError."""
+    first = os.pread(fd, 8, 0)
+    length = int.from_bytes(first, "little") if len(first) == 8 else 0
+    prefix = os.pread(fd, 8 + length, 0) if length <= MAX_HEADER_BYTES and 8 + length <= size else first
+    layout = read_header(prefix, size, name)
+    return prefix, layout, parse_json(prefix[8:], f"{name} header")
 
 
 # Bytes of a tensor read, hashed and measured at once: a multiple of every element's size.
@@ -108,10 +114,10 @@ def read_exact(fd: int, into: np.ndarray, offset: int, name: str) -> None:
         done += got
 
 
-def _square_sum(data: np.ndarray, dtype: str) -> float:
-    """Σ x² of a tensor's raw bytes in float64, a cache-sized chunk at a time (a float32 sum of squares would lose
-    digits and overflow past 1.8e19); NaN or infinite when a value is."""
-    values = data.view(FLOAT_DTYPES[dtype])
+def square_sum(values: np.ndarray, dtype: str = "") -> float:
+    """Σ x² in float64, a cache-sized chunk at a time (a float32 sum of squares would lose digits and overflow
+    past 1.8e19); NaN or infinite when a value is. `dtype` "BF16": `values` are bfloat16's uint16 words."""
+    values = values.reshape(-1)
     total = 0.0
     for begin in range(0, values.size, NORM_CHUNK):
         chunk = as_float64(values[begin: begin + NORM_CHUNK], dtype)
@@ -136,14 +142,12 @@ def as_float64(values: np.ndarray, dtype: str) -> np.ndarray:
 def tensor_spans(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """Key → (shape, dtype, where its bytes start) of a safetensors file whose header was checked (a private copy,
     a registry version)."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        size = os.fstat(handle.fileno()).st_size
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-        prefix += handle.read(min(length, MAX_HEADER_BYTES))
-    layout = read_header(prefix, size, path.name)
-    header = parse_json(prefix[8:], f"{path.name} header")
-    return {key: (*layout[key], 8 + length + header[key]["data_offsets"][0]) for key in layout}
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        prefix, layout, header = _header(fd, os.fstat(fd).st_size, path.name)
+    finally:
+        os.close(fd)
+    return {key: (*layout[key], len(prefix) + header[key]["data_offsets"][0]) for key in layout}
 
 
 class PrivateTensors:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtune.artifacts import atomic_folder, stamp
-from fedtune.wire.codec import WireError, canonical_json, open_regular, pretty_json, read_capped
+from fedtune.wire.codec import canonical_json, pretty_json, read_capped
 from fedtune.wire.keys import SIGNATURE_FILE, SigningKey, verify
 from fedtune.wire.manifests import UpdateManifest, parse_manifest
-from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE, MAX_HEADER_BYTES, Layout, read_header
+from fedtune.wire.tensors import ADAPTER_FILE, CONFIG_FILE
 
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 10  # a real update manifest is ~1 kB
@@ -86,37 +86,6 @@ def read_envelope(folder: Path, max_manifest_bytes: int = MAX_MANIFEST_BYTES) ->
         raw = read_capped(folder / SIGNATURE_FILE, MAX_SIGNATURE_BYTES)
         signature = raw.decode("ascii", errors="replace").strip()
     return Envelope(folder, signed, manifest, signature)
-
-
-def copy_tensors(source: Path, target: Path, max_bytes: int) -> tuple[str, Layout]:
-    """Copy an update's tensor file into `target` (a file only this process writes), then hash and parse the
-    copy. The copy is what gets checked and merged, so a file swapped or rewritten after this read changes
-    nothing. Returns (sha256, layout); raises WireError."""
-    fd, size = open_regular(source, max_bytes)
-    try:
-        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            copy_between(fd, out, size)
-        finally:
-            os.close(out)
-    except OSError as err:
-        raise WireError(f"{source.name}: could not be copied ({err.strerror})") from None
-    finally:
-        os.close(fd)
-    digest = hashlib.sha256()
-    copied = 0
-    with open(target, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) == 8:
-            length = int.from_bytes(prefix, "little")
-            if length <= MAX_HEADER_BYTES and 8 + length <= size:
-                prefix += handle.read(length)
-        digest.update(prefix)
-        copied = len(prefix)
-        while block := handle.read(COPY_CHUNK):
-            digest.update(block)
-            copied += len(block)
-    return digest.hexdigest(), read_header(prefix, copied, source.name)
 
 
 def copy_between(source: int, target: int, size: int) -> None:

@@ -341,7 +341,7 @@ def test_every_position_of_a_signed_manifest_is_covered(signed_folder):
     assert accepted < len(original) // 10  # nearly every change is refused outright
 
 
-def test_copy_tensors_falls_back_to_reading_when_the_kernel_cannot_copy(tmp_path, monkeypatch):
+def test_the_private_copy_falls_back_to_reading_when_the_kernel_cannot_copy(tmp_path, monkeypatch):
     """copy_file_range fails across some filesystems (EXDEV on old kernels): the copy is then read and written,
     and gives the same bytes, hash and layout."""
     import errno
@@ -350,17 +350,19 @@ def test_copy_tensors_falls_back_to_reading_when_the_kernel_cannot_copy(tmp_path
     import torch
     from safetensors.torch import save_file
 
+    from fedtune.aggregate.updates import read_private_copy
     from fedtune.wire import update
 
     source = tmp_path / "adapter_model.safetensors"
     save_file({"x.lora_A.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4)}, str(source))
     expected = hashlib.sha256(source.read_bytes()).hexdigest()
-    assert update.copy_tensors(source, tmp_path / "kernel", 1 << 20)[0] == expected
+    assert read_private_copy(source, tmp_path / "kernel", 1 << 20, None).sha256 == expected
 
     def cannot(*_args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(update.os, "copy_file_range", cannot)
-    sha, layout = update.copy_tensors(source, tmp_path / "read", 1 << 20)
+    read = read_private_copy(source, tmp_path / "read", 1 << 20, None)
+    sha, layout = read.sha256, read.layout
     assert sha == expected and layout == {"x.lora_A.weight": ((3, 4), "F32")}
     assert (tmp_path / "read").read_bytes() == source.read_bytes()
